@@ -24,9 +24,11 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The main job on the built-in defaults: index the bundled sample photos, then ask who is in a group photo.
 demo: install
-	rm -rf $(DEMO_INDEX)
-	$(BIN)/faceindex --index $(DEMO_INDEX) demo
+	$(BIN)/faceindex ingest --index $(DEMO_INDEX) samples
+	$(BIN)/faceindex status --index $(DEMO_INDEX)
+	$(BIN)/faceindex query --index $(DEMO_INDEX) -k 3 samples/group/kit_with_rose.jpg
 
 test: install
 	$(BIN)/python -m pytest -q

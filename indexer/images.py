@@ -12,6 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,14 +52,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(path: str | os.PathLike[str], max_pixels: int, min_side_needed: int = 0) -> DecodedImage:
+def decode(source: str | os.PathLike[str] | BinaryIO, max_pixels: int, min_side_needed: int = 0,
+           name: str | None = None) -> DecodedImage:
     """Open, check, orient and convert one file.
 
+    ``source`` is a path or an open binary file (the ingest reads each file once, to hash and decode it);
     ``min_side_needed`` lets draft mode shrink a big JPEG while its long side stays >= that many pixels.
     """
-    path = str(path)
+    path = name or (str(source) if isinstance(source, str | os.PathLike) else "<stream>")
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(f"too large: {width}x{height} pixels > ingest.max_pixels {max_pixels}")
@@ -85,20 +88,12 @@ def decode(path: str | os.PathLike[str], max_pixels: int, min_side_needed: int =
     except PermissionError:
         raise ImageError("unreadable: permission denied") from None
     except UnidentifiedImageError:
-        size = _size_or_none(path)
-        raise ImageError("empty file (0 bytes)" if size == 0 else "not an image (unrecognised format)") from None
+        raise ImageError("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"corrupt or truncated image: {str(exc).splitlines()[0][:160]}") from None
     orig = (height, width) if orientation in _ROTATED else (width, height)
     scale = orig[0] / rgb.size[0] if rgb.size[0] else 1.0
     return DecodedImage(path=path, image=rgb, orig_size=orig, scale=scale)
-
-
-def _size_or_none(path: str) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return None
 
 
 def is_image_path(path: str | Path, extensions: tuple[str, ...]) -> bool:

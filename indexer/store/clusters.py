@@ -1,0 +1,104 @@
+"""The current clustering, persisted in the store: centers, stable ids, person names, metrics.
+
+Layout: meta key ``clustering`` holds the method, its parameters, when it ran, on how many faces, its scores and the
+id mapping of the last recluster; the ``clusters`` table maps a cluster id to its center (raw float32), size and
+name. Each face record carries its cluster id and its similarity to that center.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from indexer.config import ClusterSettings
+from indexer.store.lmdb_store import FaceStore, from_u64, pack, u64, unpack
+
+
+@dataclass
+class Clustering:
+    method: str
+    params: dict[str, Any]
+    ids: np.ndarray                      # int64 [C] stable cluster ids
+    centers: np.ndarray                  # float32 [C, 512], rows L2-normalised
+    sizes: dict[int, int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    n_faces: int = 0
+    mapping: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.method, "k": int(len(self.ids)), "params": self.params, "n_faces": self.n_faces,
+                "last_recluster": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+                "named": len(self.names), "metrics": self.metrics}
+
+    def center_of(self, cluster_id: int) -> np.ndarray | None:
+        hit = np.flatnonzero(self.ids == cluster_id)
+        return self.centers[hit[0]] if len(hit) else None
+
+
+def load_clustering(store: FaceStore, txn=None) -> Clustering | None:
+    if txn is None:
+        with store.read() as t:
+            return load_clustering(store, t)
+    meta = store.get_meta("clustering", None, txn)
+    if meta is None:
+        return None
+    ids, centers, sizes, names = [], [], {}, {}
+    for key, raw in txn.cursor(db=store.db["clusters"]):
+        rec = unpack(raw)
+        cid = from_u64(key)
+        ids.append(cid)
+        centers.append(np.frombuffer(rec["center"], dtype=np.float32))
+        sizes[cid] = rec.get("size", 0)
+        if rec.get("name"):
+            names[cid] = rec["name"]
+    return Clustering(
+        method=meta["method"], params=meta.get("params", {}), ids=np.asarray(ids, dtype=np.int64),
+        centers=np.stack(centers) if centers else np.zeros((0, 512), np.float32), sizes=sizes, names=names,
+        metrics=meta.get("metrics", {}), created=meta.get("created", 0.0), n_faces=meta.get("n_faces", 0),
+        mapping=meta.get("mapping", []),
+    )
+
+
+def save_clustering(store: FaceStore, txn, clustering: Clustering) -> None:
+    """Replace the stored clustering (centers, sizes, names, meta) inside the caller's transaction."""
+    cursor = txn.cursor(db=store.db["clusters"])
+    while cursor.first():
+        cursor.delete()
+    for cid, center in zip(clustering.ids.tolist(), clustering.centers, strict=True):
+        rec = {"center": np.ascontiguousarray(center, np.float32).tobytes(), "size": clustering.sizes.get(cid, 0),
+               "name": clustering.names.get(cid, "")}
+        txn.put(u64(cid), pack(rec), db=store.db["clusters"])
+    store.put_meta(txn, "clustering", {
+        "method": clustering.method, "params": clustering.params, "metrics": clustering.metrics,
+        "created": clustering.created, "n_faces": clustering.n_faces, "mapping": clustering.mapping[-200:],
+    })
+
+
+def nearest_center(vectors: np.ndarray, ids: np.ndarray, centers: np.ndarray,
+                   min_similarity: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster id and cosine of each vector's nearest center; -1 where the best cosine is below the threshold."""
+    if len(ids) == 0 or len(vectors) == 0:
+        return np.full(len(vectors), -1, np.int64), np.full(len(vectors), np.nan, np.float32)
+    sims = vectors @ centers.T
+    best = sims.argmax(axis=1)
+    best_sim = sims[np.arange(len(vectors)), best].astype(np.float32)
+    labels = np.where(best_sim >= min_similarity, ids[best], -1).astype(np.int64)
+    return labels, best_sim
+
+
+def live_assigner(store: FaceStore, settings: ClusterSettings):
+    """A function assigning new vectors to the stored centers, or None while no clustering exists."""
+    clustering = load_clustering(store)
+    if clustering is None or len(clustering.ids) == 0:
+        return None
+    ids, centers = clustering.ids, clustering.centers
+
+    def assign(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return nearest_center(vectors, ids, centers, settings.assign_min_similarity)
+
+    return assign

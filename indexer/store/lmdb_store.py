@@ -1,0 +1,355 @@
+"""The LMDB store: the source of truth for files, faces, vectors, thumbnails, clusters and the change log.
+
+One environment (``<index>/store.lmdb``) with named databases; values are msgpack (records) or raw bytes
+(float32 vectors, JPEG thumbnails) — no pickle. Every batch is committed in ONE write transaction, so a crash
+leaves either the whole batch or none of it. The map grows by itself when full.
+
+The ``log`` database records, under a monotonically increasing sequence number, each face added to or removed from
+the store. The FAISS index is derived data: its snapshot remembers the sequence number it reflects, and whoever opens
+it replays the log from there (see indexer/store/sync.py), so a crash between "committed" and "indexed" loses
+nothing and a reader never sees a stale answer.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import numpy as np
+
+from indexer.errors import IndexMismatchError, NotFoundError
+
+SCHEMA_VERSION = 1
+DIM = 512
+_DBS = ("meta", "files", "sha", "faces", "vectors", "thumbs", "log", "clusters")
+_INITIAL_MAP = 1 << 30      # 1 GiB; sparse on Linux, doubled whenever a transaction fills it
+_U64 = struct.Struct(">Q")  # big-endian so LMDB's byte order is numeric order
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def from_u64(b: bytes) -> int:
+    return _U64.unpack(b)[0]
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(b: bytes) -> Any:
+    return msgpack.unpackb(b, raw=False)
+
+
+@dataclass
+class FileRecord:
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    status: str                 # indexed | no_face | failed
+    reason: str = ""
+    face_ids: list[int] = field(default_factory=list)
+    indexed_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class FaceRecord:
+    face_id: int
+    path: str
+    box: list[float]
+    prob: float
+    landmarks: list[list[float]]
+    cluster: int = -1
+    similarity: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class NewFace:
+    """A face to commit: its record fields (without id), its vector and its thumbnail."""
+
+    box: list[float]
+    prob: float
+    landmarks: list[list[float]]
+    vector: np.ndarray
+    thumbnail: bytes
+    cluster: int = -1
+    similarity: float = float("nan")
+
+
+class FaceStore:
+    """LMDB environment of one index. ``readonly`` opens for queries from other processes."""
+
+    def __init__(self, index_dir: str | Path, readonly: bool = False) -> None:
+        self.index_dir = Path(index_dir)
+        path = self.index_dir / "store.lmdb"
+        if readonly and not (path / "data.mdb").is_file():
+            raise NotFoundError(f"no index at {self.index_dir}; run `faceindex ingest PATH --index {self.index_dir}`")
+        path.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        self.env = lmdb.open(str(path), map_size=_INITIAL_MAP, max_dbs=len(_DBS), readonly=readonly,
+                             lock=True, readahead=False, meminit=False)
+        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS} if not readonly \
+            else {name: self._open_existing(name) for name in _DBS}
+        if not readonly:
+            with self.write() as txn:
+                if txn.get(b"schema", db=self.db["meta"]) is None:
+                    txn.put(b"schema", pack(SCHEMA_VERSION), db=self.db["meta"])
+                    txn.put(b"created", pack(time.time()), db=self.db["meta"])
+        version = self.get_meta("schema")
+        if version != SCHEMA_VERSION:
+            raise IndexMismatchError(
+                f"index {self.index_dir} has schema version {version}, this faceindex reads {SCHEMA_VERSION}; "
+                "re-ingest into a new --index"
+            )
+
+    def _open_existing(self, name: str):
+        try:
+            return self.env.open_db(name.encode(), create=False)
+        except lmdb.NotFoundError:
+            raise NotFoundError(f"{self.index_dir} is not a faceindex index (no '{name}' table)") from None
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ------------------------------------------------------------------ transactions
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        try:
+            txn = self.env.begin(write=False)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)  # another process grew the map: adopt its size
+            txn = self.env.begin(write=False)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """One write transaction; commits on success, aborts on any exception."""
+        txn = self.env.begin(write=True)
+        try:
+            yield txn
+        except BaseException:
+            txn.abort()
+            raise
+        txn.commit()
+
+    def transact(self, fn, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(txn, ...)`` in one write transaction, growing the map and retrying when it is full."""
+        while True:
+            try:
+                with self.write() as txn:
+                    return fn(txn, *args, **kwargs)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    # ------------------------------------------------------------------ meta
+    def get_meta(self, key: str, default: Any = None, txn: lmdb.Transaction | None = None) -> Any:
+        if txn is None:
+            with self.read() as t:
+                return self.get_meta(key, default, t)
+        raw = txn.get(key.encode(), db=self.db["meta"])
+        return default if raw is None else unpack(raw)
+
+    def put_meta(self, txn: lmdb.Transaction, key: str, value: Any) -> None:
+        txn.put(key.encode(), pack(value), db=self.db["meta"])
+
+    def check_model(self, fingerprint: str, txn: lmdb.Transaction) -> None:
+        """Record the model on first use; refuse another model afterwards."""
+        current = self.get_meta("model", txn=txn)
+        if current is None:
+            self.put_meta(txn, "model", fingerprint)
+        elif current != fingerprint:
+            raise IndexMismatchError(
+                f"index {self.index_dir} was built with model {current}, not {fingerprint}; "
+                f"use --weights {current.split(':')[0]} or a new --index"
+            )
+
+    # ------------------------------------------------------------------ files
+    def get_file(self, path: str, txn: lmdb.Transaction | None = None) -> FileRecord | None:
+        if txn is None:
+            with self.read() as t:
+                return self.get_file(path, t)
+        raw = txn.get(path.encode(), db=self.db["files"])
+        return None if raw is None else FileRecord(**unpack(raw))
+
+    def iter_files(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[FileRecord]:
+        cursor = txn.cursor(db=self.db["files"])
+        start = prefix.encode()
+        if not cursor.set_range(start):
+            return
+        for key, raw in cursor:
+            if not key.startswith(start):
+                break
+            yield FileRecord(**unpack(raw))
+
+    def paths_with_sha(self, sha: str, txn: lmdb.Transaction) -> list[str]:
+        raw = txn.get(sha.encode(), db=self.db["sha"])
+        return [] if raw is None else unpack(raw)
+
+    def _link_sha(self, txn: lmdb.Transaction, sha: str, path: str, add: bool) -> None:
+        paths = set(self.paths_with_sha(sha, txn))
+        paths.add(path) if add else paths.discard(path)
+        if paths:
+            txn.put(sha.encode(), pack(sorted(paths)), db=self.db["sha"])
+        else:
+            txn.delete(sha.encode(), db=self.db["sha"])
+
+    def put_file(self, txn: lmdb.Transaction, record: FileRecord, faces: Iterable[NewFace] = ()) -> list[int]:
+        """Replace whatever the store had for ``record.path`` by ``record`` and ``faces``; returns new face ids."""
+        self.remove_file(txn, record.path)
+        ids = [self._add_face(txn, record.path, face) for face in faces]
+        record.face_ids = ids
+        record.indexed_at = time.time()
+        txn.put(record.path.encode(), pack(record.to_dict()), db=self.db["files"])
+        if record.sha256:
+            self._link_sha(txn, record.sha256, record.path, add=True)
+        return ids
+
+    def touch_file(self, txn: lmdb.Transaction, path: str, size: int, mtime_ns: int) -> None:
+        """Same content, new stat (e.g. ``touch``): remember the stat so the next scan skips it cheaply."""
+        rec = self.get_file(path, txn)
+        if rec is not None:
+            rec.size, rec.mtime_ns = size, mtime_ns
+            txn.put(path.encode(), pack(rec.to_dict()), db=self.db["files"])
+
+    def remove_file(self, txn: lmdb.Transaction, path: str) -> int:
+        """Forget a file and its faces; returns how many faces left."""
+        rec = self.get_file(path, txn)
+        if rec is None:
+            return 0
+        for face_id in rec.face_ids:
+            self._remove_face(txn, face_id)
+        txn.delete(path.encode(), db=self.db["files"])
+        if rec.sha256:
+            self._link_sha(txn, rec.sha256, path, add=False)
+        return len(rec.face_ids)
+
+    def move_file(self, txn: lmdb.Transaction, old: str, new: str, mtime_ns: int | None = None) -> bool:
+        """A renamed file keeps its faces (and their ids): only paths change, nothing is re-embedded."""
+        rec = self.get_file(old, txn)
+        if rec is None:
+            return False
+        self.remove_file(txn, new)  # a file overwritten by the move
+        txn.delete(old.encode(), db=self.db["files"])
+        if rec.sha256:
+            self._link_sha(txn, rec.sha256, old, add=False)
+            self._link_sha(txn, rec.sha256, new, add=True)
+        rec.path = new
+        if mtime_ns is not None:
+            rec.mtime_ns = mtime_ns
+        txn.put(new.encode(), pack(rec.to_dict()), db=self.db["files"])
+        for face_id in rec.face_ids:
+            face = self.get_face(face_id, txn)
+            if face is not None:
+                face.path = new
+                txn.put(u64(face_id), pack(face.to_dict()), db=self.db["faces"])
+        return True
+
+    # ------------------------------------------------------------------ faces
+    def _next_id(self, txn: lmdb.Transaction, key: str) -> int:
+        n = self.get_meta(key, 0, txn) + 1
+        self.put_meta(txn, key, n)
+        return n
+
+    def _log(self, txn: lmdb.Transaction, op: str, face_id: int) -> None:
+        txn.put(u64(self._next_id(txn, "seq")), pack([op, face_id]), db=self.db["log"])
+
+    def _add_face(self, txn: lmdb.Transaction, path: str, face: NewFace) -> int:
+        face_id = self._next_id(txn, "next_face_id")
+        rec = FaceRecord(face_id, path, [float(v) for v in face.box], float(face.prob),
+                         [[float(x), float(y)] for x, y in face.landmarks], int(face.cluster), float(face.similarity))
+        vector = np.ascontiguousarray(face.vector, dtype=np.float32)
+        if vector.shape != (DIM,):
+            raise ValueError(f"vector of shape {vector.shape}, expected ({DIM},)")
+        txn.put(u64(face_id), pack(rec.to_dict()), db=self.db["faces"])
+        txn.put(u64(face_id), vector.tobytes(), db=self.db["vectors"])
+        txn.put(u64(face_id), face.thumbnail, db=self.db["thumbs"])
+        self._log(txn, "a", face_id)
+        return face_id
+
+    def _remove_face(self, txn: lmdb.Transaction, face_id: int) -> None:
+        key = u64(face_id)
+        for name in ("faces", "vectors", "thumbs"):
+            txn.delete(key, db=self.db[name])
+        self._log(txn, "r", face_id)
+
+    def get_face(self, face_id: int, txn: lmdb.Transaction | None = None) -> FaceRecord | None:
+        if txn is None:
+            with self.read() as t:
+                return self.get_face(face_id, t)
+        raw = txn.get(u64(face_id), db=self.db["faces"])
+        return None if raw is None else FaceRecord(**unpack(raw))
+
+    def set_face_cluster(self, txn: lmdb.Transaction, face_id: int, cluster: int, similarity: float) -> None:
+        face = self.get_face(face_id, txn)
+        if face is not None:
+            face.cluster, face.similarity = int(cluster), float(similarity)
+            txn.put(u64(face_id), pack(face.to_dict()), db=self.db["faces"])
+
+    def iter_faces(self, txn: lmdb.Transaction) -> Iterator[FaceRecord]:
+        for _, raw in txn.cursor(db=self.db["faces"]):
+            yield FaceRecord(**unpack(raw))
+
+    def get_vector(self, face_id: int, txn: lmdb.Transaction) -> np.ndarray | None:
+        raw = txn.get(u64(face_id), db=self.db["vectors"])
+        return None if raw is None else np.frombuffer(raw, dtype=np.float32)
+
+    def get_thumbnail(self, face_id: int, txn: lmdb.Transaction) -> bytes | None:
+        raw = txn.get(u64(face_id), db=self.db["thumbs"])
+        return None if raw is None else bytes(raw)
+
+    def all_vectors(self, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [N], vectors float32 [N, 512]) of every face, in id order."""
+        ids, chunks = [], []
+        for key, raw in txn.cursor(db=self.db["vectors"]):
+            ids.append(from_u64(key))
+            chunks.append(raw)
+        vectors = np.frombuffer(b"".join(chunks), dtype=np.float32).reshape(-1, DIM) if chunks \
+            else np.zeros((0, DIM), np.float32)
+        return np.asarray(ids, dtype=np.int64), vectors
+
+    # ------------------------------------------------------------------ change log
+    def log_since(self, seq: int, txn: lmdb.Transaction) -> Iterator[tuple[int, str, int]]:
+        """(seq, op, face_id) for every change after ``seq``; op is 'a' (added) or 'r' (removed)."""
+        cursor = txn.cursor(db=self.db["log"])
+        if cursor.set_range(u64(seq + 1)):
+            for key, raw in cursor:
+                op, face_id = unpack(raw)
+                yield from_u64(key), op, face_id
+
+    def truncate_log(self, txn: lmdb.Transaction, upto: int) -> None:
+        """Drop log entries <= ``upto`` (a saved snapshot covers them); readers of older snapshots reload."""
+        cursor = txn.cursor(db=self.db["log"])
+        while cursor.first() and from_u64(cursor.key()) <= upto:
+            cursor.delete()
+        self.put_meta(txn, "log_floor", max(upto, self.get_meta("log_floor", 0, txn)))
+
+    # ------------------------------------------------------------------ counts
+    def counts(self) -> dict[str, Any]:
+        with self.read() as txn:
+            by_status = {"indexed": 0, "no_face": 0, "failed": 0}
+            for rec in self.iter_files(txn):
+                by_status[rec.status] = by_status.get(rec.status, 0) + 1
+            faces = txn.stat(self.db["faces"])["entries"]
+            return {"files": by_status, "faces": faces, "model": self.get_meta("model", None, txn),
+                    "seq": self.get_meta("seq", 0, txn)}
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.index_dir.rglob("*") if p.is_file())

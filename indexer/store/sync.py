@@ -1,0 +1,94 @@
+"""Keep the FAISS index in step with the LMDB store (the source of truth).
+
+On open the snapshot ``<index>/vectors.faiss`` is loaded and the store's change log is replayed from the sequence
+number the snapshot reflects, so faces committed after the last snapshot (by a crash, or by another process that is
+writing right now) are always searched. A missing, corrupt or foreign-model snapshot is rebuilt from LMDB with a
+warning. Only the writer saves snapshots; readers replay in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from indexer.config import IndexSettings
+from indexer.errors import IndexFileError
+from indexer.store.lmdb_store import FaceStore
+from indexer.store.vectors import VectorIndex
+
+log = logging.getLogger(__name__)
+SNAPSHOT = "vectors.faiss"
+
+
+class SyncedIndex:
+    """A VectorIndex plus the store sequence number it reflects."""
+
+    def __init__(self, store: FaceStore, settings: IndexSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.path = Path(store.index_dir) / SNAPSHOT
+        self.index, self.seq = self._load_or_rebuild()
+        self.saved_seq = self.seq if self.path.is_file() else -1
+        self.catch_up()
+
+    def _load_or_rebuild(self) -> tuple[VectorIndex, int]:
+        model = self.store.get_meta("model")
+        try:
+            index, meta = VectorIndex.load(self.path)
+        except IndexFileError as exc:
+            if self.path.exists() or self.store.get_meta("seq", 0) > 0:
+                log.warning("FAISS snapshot unusable (%s); rebuilding it from the store", exc)
+            return self.rebuild()
+        if meta.get("model") != model:
+            log.warning("FAISS snapshot was built for model %s, the store holds %s; rebuilding",
+                        meta.get("model"), model)
+            return self.rebuild()
+        return index, int(meta.get("seq", 0))
+
+    def rebuild(self) -> tuple[VectorIndex, int]:
+        with self.store.read() as txn:
+            seq = self.store.get_meta("seq", 0, txn)
+            ids, vectors = self.store.all_vectors(txn)
+        index = VectorIndex.build(ids, vectors, exact_max_vectors=self.settings.exact_max_vectors,
+                                  target_recall=self.settings.target_recall)
+        self.saved_seq = -1
+        return index, seq
+
+    def catch_up(self) -> int:
+        """Apply the store's changes since ``self.seq``; returns how many faces changed."""
+        with self.store.read() as txn:
+            if self.seq < self.store.get_meta("log_floor", 0, txn):
+                # The writer truncated the log past our snapshot (we loaded an older file): start again.
+                self.index, self.seq = self.rebuild()
+                return len(self.index)
+            added: list[int] = []
+            removed: set[int] = set()
+            last = self.seq
+            for seq, op, face_id in self.store.log_since(self.seq, txn):
+                (added.append(face_id) if op == "a" else removed.add(face_id))
+                last = seq
+            fresh = [i for i in added if i not in removed]
+            vectors = [self.store.get_vector(i, txn) for i in fresh]
+        gone = [i for i in removed if i not in set(added)]
+        if gone:
+            self.index.remove(np.asarray(gone, dtype=np.int64))
+        if fresh:
+            self.index.add(np.asarray(fresh, dtype=np.int64), np.stack(vectors))
+        self.seq = last
+        if self.index.should_rebuild(len(self.index)):
+            log.info("index grew to %d vectors: rebuilding with a new index type", len(self.index))
+            self.index, self.seq = self.rebuild()
+        return len(fresh) + len(gone)
+
+    def save(self, force: bool = False) -> bool:
+        """Snapshot if enough changed since the last one (or ``force``); then the log below it can go."""
+        if not force and self.saved_seq >= 0 and self.seq - self.saved_seq < self.settings.snapshot_every:
+            return False
+        if self.seq == self.saved_seq:
+            return False
+        self.index.save(self.path, {"seq": self.seq, "model": self.store.get_meta("model")})
+        self.saved_seq = self.seq
+        self.store.transact(lambda txn: self.store.truncate_log(txn, self.seq))
+        return True
