@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -174,7 +173,7 @@ def _status_text(s: dict) -> str:
         f"model      {s['model']}",
         f"vectors    {s['index']['type']} with {s['index']['vectors']} vectors: {s['index']['reason']}",
         f"clusters   {c['method']}, k={c['k']}" + (f", last recluster {c['last_recluster']}" if c.get("k") else ""),
-        f"daemon     " + (f"running (pid {d['pid']}), backlog {d['backlog']}, last event {d['last_event']}"
+        "daemon     " + (f"running (pid {d['pid']}), backlog {d['backlog']}, last event {d['last_event']}"
                           if d["running"] else "not running"),
     ]
     if c.get("metrics"):

@@ -31,8 +31,14 @@ DAEMON_FILE = "daemon.json"
 
 
 class FaceIndex:
-    def __init__(self, settings: Settings, writer: bool = False, command: str = "ingest") -> None:
+    def __init__(self, settings: Settings, writer: bool = False, command: str = "ingest",
+                 detector: FaceDetector | None = None, embedder: FaceEmbedder | None = None) -> None:
+        """``detector`` / ``embedder``: already loaded models to reuse (tests, benchmarks); else built on demand."""
         self.settings = settings
+        if detector is not None:
+            self.__dict__["detector"] = detector
+        if embedder is not None:
+            self.__dict__["embedder"] = embedder
         self.dir = settings.index_path
         self.lock = lock_mod.WriterLock(self.dir, command).acquire() if writer else None
         try:
@@ -60,12 +66,16 @@ class FaceIndex:
     def embedder(self) -> FaceEmbedder:
         stored = self.store.get_meta("model")
         embedder = FaceEmbedder(self.settings.embedder, prefer=stored.split(":")[0] if stored else None)
+        self._check_model(embedder)
+        return embedder
+
+    def _check_model(self, embedder: FaceEmbedder) -> None:
+        stored = self.store.get_meta("model")
         if stored and embedder.fingerprint != stored:
             raise IndexMismatchError(
                 f"index {self.dir} was built with model {stored}, but the configured weights are "
                 f"{embedder.fingerprint}; use --weights {stored.split(':')[0]} or a new --index"
             )
-        return embedder
 
     @cached_property
     def detector(self) -> FaceDetector:
@@ -76,6 +86,7 @@ class FaceIndex:
         return SyncedIndex(self.store, self.settings.index)
 
     def ingestor(self) -> Ingestor:
+        self._check_model(self.embedder)
         return Ingestor(self.settings, self.store, self.vectors, FaceStage(self.settings, self.detector, self.embedder),
                         self.embedder.fingerprint, assigner=self.assigner())
 
@@ -93,6 +104,7 @@ class FaceIndex:
         """Faces of a photo that is not (necessarily) indexed: (record, vector) for each."""
         if not Path(path).is_file():
             raise NotFoundError(f"{path} does not exist")
+        self._check_model(self.embedder)
         image = decode(str(path), self.settings.ingest.max_pixels, 2 * self.settings.detector.max_side)
         faces = self.detector.detect([image])[0]
         vectors = self.embedder.embed([self.detector.crop(image, f) for f in faces])

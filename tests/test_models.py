@@ -30,7 +30,8 @@ GOLDEN = Path(__file__).parent / "data" / "golden_kit.npy"
 
 
 def test_bundled_group_photos_give_the_right_face_count(detector):
-    found = detector.detect([decode(SAMPLES / "group" / n, 10**9) for n in ("kit_with_rose.jpg", "obama_and_biden.jpg")])
+    names = ("kit_with_rose.jpg", "obama_and_biden.jpg")
+    found = detector.detect([decode(SAMPLES / "group" / n, 10**9) for n in names])
     assert [len(f) for f in found] == [2, 3]
 
 
