@@ -106,7 +106,8 @@ def ingest(paths: tuple[str, ...], settings: Settings, weights: str | None, as_j
 
 def _ingest_text(s: dict) -> str:
     lines = [f"{s['files']} image files: {s['indexed']} indexed, {s['no_face']} without faces, {s['failed']} failed, "
-             f"{s['unchanged']} unchanged, {s['duplicates']} duplicates reused; {s['faces']} faces added "
+             f"{s['unchanged']} unchanged, {s['duplicates']} duplicates reused, {s['moved']} moved, "
+             f"{s['removed']} removed; {s['faces']} faces added "
              f"in {s['seconds']:.1f} s ({s['images_per_s']:.1f} images/s)"]
     lines += [f"  failed: {f['path']}: {f['reason']}" for f in s["failures"][:20]]
     if len(s["failures"]) > 20:
@@ -114,6 +115,24 @@ def _ingest_text(s: dict) -> str:
     if s["interrupted"]:
         lines.append("interrupted: everything up to the last batch is committed; run again to continue")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- watch
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@index_options
+@weights_option
+@json_option
+@click.option("--once", is_flag=True, help="Catch up with the folder, then exit (for cron).")
+def watch(folder: str, settings: Settings, weights: str | None, as_json: bool, once: bool) -> None:
+    """Keep the index in step with FOLDER: catch up, then follow live changes until SIGINT/SIGTERM."""
+    from indexer.pipeline.watch import Watcher
+
+    logging.getLogger("faceindex").setLevel(logging.INFO)
+    settings = with_overrides(settings, "embedder", weights=weights)
+    with _open(settings, writer=True, command="watch") as fi:
+        summary = Watcher(fi, folder, once=once).run()
+    emit(summary.to_dict(), as_json, _ingest_text)
 
 
 # ---------------------------------------------------------------------------------------------------- query

@@ -42,6 +42,8 @@ class IngestSummary:
     no_face: int = 0
     failed: int = 0
     duplicates: int = 0            # byte-identical copies whose faces were reused, not recomputed
+    moved: int = 0                 # files found under a new name (same sha256, old path gone): faces kept
+    removed: int = 0               # files gone from disk whose faces left the store (watch)
     faces: int = 0                 # faces committed in this run
     seconds: float = 0.0
     interrupted: bool = False
@@ -234,7 +236,7 @@ class Ingestor:
 
     def _commit(self, txn, face_items: list[FaceItem]) -> tuple[dict[str, int], list[dict[str, str]]]:
         self.store.check_model(self.fingerprint, txn)
-        counts = {"indexed": 0, "no_face": 0, "failed": 0, "faces": 0, "duplicates": 0, "unchanged": 0}
+        counts = {"indexed": 0, "no_face": 0, "failed": 0, "faces": 0, "duplicates": 0, "unchanged": 0, "moved": 0}
         failures = []
         for fi in face_items:
             item = fi.read
@@ -243,6 +245,11 @@ class Ingestor:
                 counts["unchanged"] += 1
                 continue
             faces = fi.faces
+            if item.duplicate_of is not None and not os.path.exists(item.duplicate_of):
+                # The original is gone and an identical file appeared: a move. Keep the faces and their ids.
+                self.store.move_file(txn, item.duplicate_of, item.path, item.mtime_ns)
+                counts["moved"] += 1
+                continue
             if item.duplicate_of is not None:
                 faces = self._stored_faces(txn, item.duplicate_of)
                 counts["duplicates"] += 1

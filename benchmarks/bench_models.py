@@ -1,0 +1,150 @@
+"""Model benchmark: LFW verification accuracy, embedder faces/s by batch size and variant, MTCNN images/s.
+
+Run: ``python -m benchmarks.bench_models [--json]`` (LFW from $FACEINDEX_DATA or ../shared/data).
+
+- Verification: 10-fold accuracy with the best threshold of the 9 other folds, on LFW View 1's
+  ``pairsDevTrain.txt`` (1100 same + 1100 different pairs), each photo embedded by the face nearest its centre.
+- Embedder: faces/s at batch 1, 16, 64 for plain eager (NCHW) and channels_last, side by side in this run;
+  ``embed_fps`` reports the faster of the two for each batch size.
+- MTCNN: images/s on LFW photos one by one vs. in batches of 16 (same-shape batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.lfw_data import lfw_embeddings, lfw_images, require_data
+
+
+def read_pairs(path: str) -> list[tuple[str, str, bool]]:
+    pairs = []
+    with open(path) as fh:
+        next(fh)
+        for line in fh:
+            parts = line.split()
+            if len(parts) == 3:
+                name, a, b = parts
+                pairs.append((f"{name}/{name}_{int(a):04d}.jpg", f"{name}/{name}_{int(b):04d}.jpg", True))
+            elif len(parts) == 4:
+                n1, a, n2, b = parts
+                pairs.append((f"{n1}/{n1}_{int(a):04d}.jpg", f"{n2}/{n2}_{int(b):04d}.jpg", False))
+    return pairs
+
+
+def ten_fold_accuracy(sims: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
+    """Mean and std of 10-fold accuracy (threshold picked on 9 folds), and the mean threshold."""
+    # LFW's pairs file lists all same pairs, then all different pairs: interleave folds across both halves.
+    idx = np.arange(len(sims))
+    folds = [np.concatenate([idx[same][i::10], idx[~same][i::10]]) for i in range(10)]
+    thresholds = np.unique(sims)
+    accs, chosen = [], []
+    for k in range(10):
+        test = folds[k]
+        train = np.concatenate([folds[j] for j in range(10) if j != k])
+        train_acc = [((sims[train] >= t) == same[train]).mean() for t in thresholds]
+        best = thresholds[int(np.argmax(train_acc))]
+        chosen.append(best)
+        accs.append(((sims[test] >= best) == same[test]).mean())
+    return float(np.mean(accs)), float(np.std(accs)), float(np.mean(chosen))
+
+
+def verification(root) -> dict:
+    data = lfw_embeddings(root)
+    where = {p.split("lfw-devtrain/")[-1]: i for i, p in enumerate(data["paths"].tolist())}
+    pairs = read_pairs(str(root / "meta" / "lfw" / "pairsDevTrain.txt"))
+    a = np.array([where[p[0]] for p in pairs])
+    b = np.array([where[p[1]] for p in pairs])
+    same = np.array([p[2] for p in pairs])
+    sims = (data["vectors"][a] * data["vectors"][b]).sum(axis=1)
+    acc, std, threshold = ten_fold_accuracy(sims, same)
+    return {"lfw_verification_acc": round(acc, 4), "lfw_verification_std": round(std, 4),
+            "threshold_cosine": round(threshold, 3), "pairs": len(pairs),
+            "photos_without_detected_face": int((~data["found"]).sum())}
+
+
+def embed_speed(embedder, batch_sizes=(1, 16, 64), faces: int = 128) -> dict:
+    """faces/s of the embedder per batch size: eager NCHW vs channels_last, measured alternately in this run."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(-1, 1, (faces, 3, 160, 160)).astype(np.float32))
+    model = embedder.model
+    out = {}
+    with torch.inference_mode():
+        for bs in batch_sizes:
+            n = min(faces, max(bs * 2, 16))
+            rates = {}
+            for variant in ("eager", "channels_last"):
+                m = model.to(memory_format=torch.channels_last if variant == "channels_last"
+                             else torch.contiguous_format)
+                batch = x[:bs].contiguous(memory_format=torch.channels_last if variant == "channels_last"
+                                          else torch.contiguous_format)
+                m(batch)  # warm-up
+                started = time.perf_counter()
+                done = 0
+                while done < n:
+                    m(batch)
+                    done += bs
+                rates[variant] = done / (time.perf_counter() - started)
+            out[bs] = {k: round(v, 1) for k, v in rates.items()}
+    model.to(memory_format=torch.channels_last if embedder.channels_last else torch.contiguous_format)
+    return out
+
+
+def mtcnn_speed(detector, root, n: int = 96) -> dict:
+    from indexer.images import decode
+
+    paths, _ = lfw_images(root)
+    images = [decode(p, 10**9) for p in paths[:: max(1, len(paths) // n)][:n]]
+    detector.detect(images[:2])
+    started = time.perf_counter()
+    single = [detector.detect([im])[0] for im in images]
+    t_single = time.perf_counter() - started
+    started = time.perf_counter()
+    batched = [f for i in range(0, len(images), 16) for f in detector.detect(images[i:i + 16])]
+    t_batched = time.perf_counter() - started
+    same = sum(len(a) == len(b) for a, b in zip(single, batched, strict=True))
+    return {"mtcnn_ips_single": round(len(images) / t_single, 2),
+            "mtcnn_ips_batched": round(len(images) / t_batched, 2), "mtcnn_images": len(images),
+            "same_face_counts": same}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    root = require_data()
+    torch.set_num_threads(os.cpu_count() or 1)
+    from indexer.models.detector import FaceDetector
+    from indexer.models.embedder import FaceEmbedder
+
+    embedder = FaceEmbedder()
+    detector = FaceDetector()
+    result = {"model": embedder.fingerprint, "threads": torch.get_num_threads(), **verification(root)}
+    speeds = embed_speed(embedder)
+    result["embed_fps_by_variant"] = speeds
+    result["embed_fps"] = {str(bs): max(v.values()) for bs, v in speeds.items()}
+    result.update(mtcnn_speed(detector, root))
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"model {result['model']} on {result['threads']} CPU threads")
+    print(f"LFW verification (View 1 pairsDevTrain, {result['pairs']} pairs, 10-fold, best threshold): "
+          f"{result['lfw_verification_acc']:.4f} +- {result['lfw_verification_std']:.4f} "
+          f"(threshold cosine {result['threshold_cosine']}; target >= 0.98; "
+          f"{result['photos_without_detected_face']} photos without a detected face used a central box)")
+    print("embedder faces/s    eager   channels_last")
+    for bs, v in speeds.items():
+        print(f"  batch {bs:<3}        {v['eager']:>6.1f}   {v['channels_last']:>6.1f}")
+    print(f"MTCNN on {result['mtcnn_images']} LFW images: {result['mtcnn_ips_single']:.2f} images/s one by one, "
+          f"{result['mtcnn_ips_batched']:.2f} batched by 16 "
+          f"(ratio {result['mtcnn_ips_batched'] / result['mtcnn_ips_single']:.2f}; "
+          f"same face count for {result['same_face_counts']}/{result['mtcnn_images']})")
+
+
+if __name__ == "__main__":
+    main()

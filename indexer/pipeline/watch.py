@@ -1,0 +1,315 @@
+"""The watch daemon: a watchdog observer feeding the ingest pipeline, until SIGINT/SIGTERM.
+
+The watchdog handler runs on the observer's single thread, so it only filters and enqueues (watchdog's own advice);
+all work happens on the daemon's loop:
+
+- created / modified files wait in ``pending`` until their size and mtime stay unchanged for ``watch.settle_s``
+  (half-copied files are never read; a burst of events for one file collapses into one entry);
+- settled files are indexed in batches of up to ``watch.batch_size``, or after ``watch.max_wait_ms`` when fewer;
+- deletes and moves are applied at once: a moved file keeps its faces (and ids), a deleted folder takes everything
+  under it out of the store and the index.
+
+On start the observer is started first, then a catch-up scan reconciles the folder with the store (new, changed,
+removed and moved files since the last run), so no event is lost between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from indexer.library import FaceIndex, write_daemon_status
+from indexer.pipeline.ingest import IngestSummary, ignored, scan
+
+log = logging.getLogger("faceindex.watch")
+POLL_S = 0.05
+
+
+@dataclass
+class Pending:
+    size: int
+    mtime_ns: int
+    stable_since: float
+    first_seen: float
+
+
+class EnqueueHandler(FileSystemEventHandler):
+    """Filters events and puts (kind, src, dest, is_dir) on a queue; nothing else (it runs on the observer thread)."""
+
+    def __init__(self, events: queue.Queue, root: Path, extensions: tuple[str, ...], ignore: tuple[str, ...]) -> None:
+        self.events = events
+        self.root = root
+        self.extensions = extensions
+        self.ignore = ignore
+
+    def wanted(self, path: str, is_dir: bool) -> bool:
+        rel = Path(path).relative_to(self.root) if path.startswith(str(self.root)) else Path(path)
+        if any(ignored(part, self.ignore) for part in rel.parts):
+            return False
+        return is_dir or Path(path).suffix.lower() in self.extensions
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        src = os.fsdecode(event.src_path)
+        dest = os.fsdecode(event.dest_path) if getattr(event, "dest_path", "") else ""
+        if event.event_type in ("created", "modified", "closed"):
+            if not event.is_directory and self.wanted(src, False):
+                self.events.put(("changed", src, "", False))
+            elif event.is_directory and event.event_type == "created":
+                self.events.put(("dir_created", src, "", True))
+        elif event.event_type == "deleted":
+            self.events.put(("deleted", src, "", event.is_directory))
+        elif event.event_type == "moved":
+            src_ok, dest_ok = self.wanted(src, event.is_directory), self.wanted(dest, event.is_directory)
+            if src_ok and dest_ok:
+                self.events.put(("moved", src, dest, event.is_directory))
+            elif src_ok:  # renamed to something we ignore: as good as deleted
+                self.events.put(("deleted", src, "", event.is_directory))
+            elif dest_ok:  # e.g. "photo.jpg.part" -> "photo.jpg": a new file
+                self.events.put(("dir_created" if event.is_directory else "changed", dest, "", event.is_directory))
+
+
+class Watcher:
+    def __init__(self, fi: FaceIndex, root: str | Path, once: bool = False) -> None:
+        self.fi = fi
+        self.settings = fi.settings
+        self.root = Path(root).expanduser().absolute()
+        if not self.root.is_dir():
+            from indexer.errors import NotFoundError
+
+            raise NotFoundError(f"{self.root} is not a folder")
+        self.once = once
+        self.events: queue.Queue = queue.Queue()
+        self.pending: dict[str, Pending] = {}
+        self.ready: dict[str, float] = {}   # settled path -> when it settled
+        self.stop = threading.Event()
+        self.summary = IngestSummary()
+        self.last_event: str | None = None
+        self._status_at = 0.0
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> IngestSummary:
+        started = time.perf_counter()
+        ingestor = self.fi.ingestor()
+        ingestor.stop = self.stop
+        self.ingestor = ingestor
+        restore = self._trap_signals()
+        observer = None
+        try:
+            if not self.once:
+                observer = Observer()
+                handler = EnqueueHandler(self.events, self.root, self.settings.ingest.extensions,
+                                         self.settings.watch.ignore)
+                observer.schedule(handler, str(self.root), recursive=True)
+                observer.start()
+            self.catch_up()
+            while not self.stop.is_set():
+                self._drain(timeout=POLL_S)
+                self._settle()
+                self._maybe_process()
+                self._write_status()
+                if self.once and not self.pending and not self.ready:
+                    self._drop_vanished()
+                    break
+            if self.ready and not self.once:
+                log.info("stopping: %d settled files left for the next start", len(self.ready))
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join()
+            restore()
+            ingestor.index.save(force=True)
+            self._write_status(force=True, running=False)
+        self.summary.seconds = time.perf_counter() - started
+        self.summary.stages = ingestor.timer.summary()
+        return self.summary
+
+    def _trap_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, lambda signum, frame: self.stop.set())
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
+
+    # ------------------------------------------------------------------ catch-up
+    def catch_up(self) -> None:
+        """Reconcile the folder with the store: queue new and changed files, drop records of vanished ones.
+
+        Vanished files are dropped only after the files queued now are indexed, so that a file moved while the
+        daemon was stopped is recognised by its sha256 and keeps its faces instead of being embedded again.
+        """
+        on_disk = list(scan([self.root], self.settings.ingest.extensions, self.settings.watch.ignore))
+        todo, unchanged = self.ingestor.changed(on_disk)
+        self.summary.files += unchanged  # the others are counted as they are processed
+        self.summary.unchanged += unchanged
+        now = time.monotonic()
+        for path in todo:
+            self._touch(path, now)
+        present = set(on_disk)
+        prefix = str(self.root) + os.sep
+        with self.fi.store.read() as txn:
+            self._vanished = [r.path for r in self.fi.store.iter_files(txn, prefix) if r.path not in present]
+        if not todo:
+            self._drop_vanished()
+
+    def _drop_vanished(self) -> None:
+        gone = [p for p in getattr(self, "_vanished", []) if not os.path.exists(p)]
+        self._vanished = []
+        if gone:
+            self._remove(gone)
+
+    # ------------------------------------------------------------------ events
+    def _drain(self, timeout: float) -> None:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, kind: str, src: str, dest: str, is_dir: bool) -> None:
+        self.last_event = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = time.monotonic()
+        if kind == "changed":
+            self._touch(src, now)
+        elif kind == "dir_created":
+            # A folder moved in from outside, or created with files already in it: scan it.
+            for path in scan([src], self.settings.ingest.extensions, self.settings.watch.ignore):
+                self._touch(path, now)
+        elif kind == "deleted":
+            self._forget_pending(src, is_dir)
+            self._remove_under(src) if is_dir else self._remove([src])
+        elif kind == "moved":
+            self._move(src, dest, is_dir, now)
+
+    def _touch(self, path: str, now: float) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            self.pending.pop(path, None)
+            return
+        self.ready.pop(path, None)
+        prev = self.pending.get(path)
+        first = prev.first_seen if prev else now
+        self.pending[path] = Pending(st.st_size, st.st_mtime_ns, now, first)
+
+    def _forget_pending(self, path: str, is_dir: bool) -> None:
+        for table in (self.pending, self.ready):
+            for p in [p for p in table if p == path or (is_dir and p.startswith(path + os.sep))]:
+                table.pop(p)
+
+    def _settle(self) -> None:
+        """Move files whose size and mtime held still for settle_s from pending to ready."""
+        now = time.monotonic()
+        settle = self.settings.watch.settle_s
+        for path, p in list(self.pending.items()):
+            try:
+                st = os.stat(path)
+            except OSError:
+                self.pending.pop(path)  # vanished before it settled; a delete event may follow
+                continue
+            if (st.st_size, st.st_mtime_ns) != (p.size, p.mtime_ns):
+                p.size, p.mtime_ns, p.stable_since = st.st_size, st.st_mtime_ns, now
+            elif now - p.stable_since >= settle:
+                self.pending.pop(path)
+                self.ready[path] = now
+
+    def _maybe_process(self) -> None:
+        if not self.ready:
+            if not self.pending and getattr(self, "_vanished", None):
+                self._drop_vanished()
+            return
+        size = self.settings.watch.batch_size
+        oldest = min(self.ready.values())
+        waited = time.monotonic() - oldest
+        if len(self.ready) < size and waited < self.settings.watch.max_wait_ms / 1000 and self.pending:
+            return
+        batch = sorted(self.ready, key=self.ready.get)[:size]
+        for path in batch:
+            self.ready.pop(path)
+        self.ingestor.process(batch, self.summary)
+
+    # ------------------------------------------------------------------ removals and moves
+    def _remove(self, paths: list[str]) -> None:
+        store = self.fi.store
+
+        def drop(txn) -> int:
+            return sum(1 for p in paths if store.get_file(p, txn) is not None and store.remove_file(txn, p) >= 0)
+
+        removed = store.transact(drop)
+        if removed:
+            self.summary.removed += removed
+            self.ingestor.index.catch_up()
+            log.info("removed files=%d", removed)
+
+    def _remove_under(self, folder: str) -> None:
+        with self.fi.store.read() as txn:
+            paths = [r.path for r in self.fi.store.iter_files(txn, folder.rstrip(os.sep) + os.sep)]
+        if paths:
+            self._remove(paths)
+
+    def _move(self, src: str, dest: str, is_dir: bool, now: float) -> None:
+        store = self.fi.store
+        if is_dir:
+            prefix = src.rstrip(os.sep) + os.sep
+            with store.read() as txn:
+                pairs = [(r.path, dest + os.sep + r.path[len(prefix):]) for r in store.iter_files(txn, prefix)]
+            for old in [p for p in list(self.pending) + list(self.ready) if p.startswith(prefix)]:
+                self._forget_pending(old, False)
+                self._touch(dest + os.sep + old[len(prefix):], now)
+        else:
+            pairs = [(src, dest)]
+            if src in self.pending or src in self.ready:
+                self._forget_pending(src, False)
+                self._touch(dest, now)
+
+        def apply(txn) -> int:
+            moved = 0
+            for old, new in pairs:
+                if store.get_file(old, txn) is not None:
+                    st = _stat_or_none(new)
+                    moved += store.move_file(txn, old, new, st.st_mtime_ns if st else None)
+            return moved
+
+        moved = store.transact(apply)
+        self.summary.moved += moved
+        if not is_dir and moved == 0 and dest not in self.pending:
+            self._touch(dest, now)  # not indexed under its old name (or not at all): index the new one
+        elif moved:
+            self.ingestor.index.catch_up()
+            log.info("moved files=%d", moved)
+
+    # ------------------------------------------------------------------ status
+    def _write_status(self, force: bool = False, running: bool = True) -> None:
+        now = time.monotonic()
+        if not force and now - self._status_at < 0.5:
+            return
+        self._status_at = now
+        write_daemon_status(self.fi.dir, pid=os.getpid(), root=str(self.root), running=running,
+                            backlog=len(self.pending) + len(self.ready) + self.events.qsize(),
+                            last_event=self.last_event, faces_added=self.summary.faces)
+
+
+def _stat_or_none(path: str):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
