@@ -32,8 +32,14 @@ DAEMON_FILE = "daemon.json"
 
 class FaceIndex:
     def __init__(self, settings: Settings, writer: bool = False, command: str = "ingest",
-                 detector: FaceDetector | None = None, embedder: FaceEmbedder | None = None) -> None:
-        """``detector`` / ``embedder``: already loaded models to reuse (tests, benchmarks); else built on demand."""
+                 detector: FaceDetector | None = None, embedder: FaceEmbedder | None = None,
+                 edit: bool = False) -> None:
+        """Open an index.
+
+        ``writer``: take the writer lock (ingest, watch: they own the FAISS snapshot). ``edit``: open the store
+        read-write without the lock (cluster, people): LMDB serialises those transactions with a running daemon's.
+        ``detector`` / ``embedder``: already loaded models to reuse (tests, benchmarks); else built on demand.
+        """
         self.settings = settings
         if detector is not None:
             self.__dict__["detector"] = detector
@@ -42,7 +48,9 @@ class FaceIndex:
         self.dir = settings.index_path
         self.lock = lock_mod.WriterLock(self.dir, command).acquire() if writer else None
         try:
-            self.store = FaceStore(self.dir, readonly=not writer)
+            if edit and not writer and not (self.dir / "store.lmdb" / "data.mdb").exists():
+                raise NotFoundError(f"no index at {self.dir}; run `faceindex ingest PATH --index {self.dir}`")
+            self.store = FaceStore(self.dir, readonly=not (writer or edit))
         except BaseException:
             self.close()
             raise
@@ -183,3 +191,55 @@ def write_daemon_status(index_dir: Path, **info: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({**info, "updated": time.time()}))
     tmp.replace(path)
+
+
+class ClusterCommands:
+    """cluster / people / export / assign / report / eval: the library calls behind those commands."""
+
+    def __init__(self, fi: FaceIndex) -> None:
+        self.fi = fi
+        self.store = fi.store
+        self.settings = fi.settings
+
+    def cluster(self, method: str | None = None, k: int | str | None = None,
+                threshold: float | None = None) -> dict[str, Any]:
+        from indexer import clustering
+
+        return clustering.recluster(self.store, self.settings.cluster, method, k, threshold)
+
+    def export(self, out: str | Path) -> dict[str, Any]:
+        from indexer.artefacts import export
+
+        return export(self.store, out)
+
+    def assign(self, paths: list[str | Path], out: str | Path, progress: bool = False) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        from indexer.artefacts import assign
+        from indexer.errors import ImageError
+        from indexer.pipeline.ingest import scan
+
+        files = list(scan(paths, self.settings.ingest.extensions, self.settings.watch.ignore))
+        faces, failures = [], []
+        for path in tqdm(files, unit="img", disable=not progress, desc="assign"):
+            try:
+                faces += [(path, rec, vec) for rec, vec in self.fi.embed_image(path)]
+            except ImageError as exc:
+                failures.append({"path": path, "reason": str(exc)})
+        return {**assign(self.store, faces, out), "files": len(files), "failures": failures}
+
+    def report(self, out: str | Path, open_browser: bool = False) -> dict[str, Any]:
+        from indexer.clustering import require_clustering
+        from indexer.report import ReportFace, build_report
+
+        clustering = require_clustering(self.store)
+        faces, vectors = [], []
+        with self.store.read() as txn:
+            for f in self.store.iter_faces(txn):
+                faces.append(ReportFace(face_id=f.face_id, path=f.path, box=tuple(f.box), cluster=f.cluster,
+                                        similarity=f.similarity, thumbnail=self.store.get_thumbnail(f.face_id, txn)))
+                vectors.append(self.store.get_vector(f.face_id, txn))
+        matrix = np.stack(vectors) if vectors else np.zeros((0, 512), np.float32)
+        return build_report(Path(out), faces, matrix, names=clustering.names, metrics=dict(clustering.metrics),
+                            title=f"faceindex: {self.fi.dir}", seed=self.settings.cluster.seed,
+                            open_browser=open_browser)

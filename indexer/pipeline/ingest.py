@@ -252,6 +252,8 @@ class Ingestor:
                 continue
             if item.duplicate_of is not None:
                 faces = self._stored_faces(txn, item.duplicate_of)
+                original = self.store.get_file(item.duplicate_of, txn)
+                item.orig_size = (original.width, original.height) if original else item.orig_size
                 counts["duplicates"] += 1
             record = record_for(item, len(faces))
             self.store.put_file(txn, record, faces)

@@ -35,6 +35,7 @@ class ReadItem:
     error: str | None = None            # -> status failed, with this reason
     same_as_stored: bool = False        # content unchanged since the store saw this path (only stat changed)
     duplicate_of: str | None = None     # byte-identical to this already indexed file: reuse its faces
+    orig_size: tuple[int, int] = (0, 0)  # (width, height) once decoded
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Reader:
             return item
         try:
             item.image = decode(io.BytesIO(data), self.settings.ingest.max_pixels, self.min_side, name=path)
+            item.orig_size = item.image.orig_size
         except ImageError as exc:
             item.error = str(exc)
         return item
@@ -162,5 +164,6 @@ def record_for(item: ReadItem, n_faces: int) -> FileRecord:
         status = "failed"
     else:
         status = "indexed" if n_faces else "no_face"
+    width, height = item.orig_size
     return FileRecord(path=item.path, size=item.size, mtime_ns=item.mtime_ns, sha256=item.sha256, status=status,
-                      reason=item.error or "")
+                      reason=item.error or "", width=width, height=height)

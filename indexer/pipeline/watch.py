@@ -94,6 +94,8 @@ class Watcher:
         self.summary = IngestSummary()
         self.last_event: str | None = None
         self._status_at = 0.0
+        self._job: ReclusterJob | None = None
+        self._recluster_checked = 0.0
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> IngestSummary:
@@ -115,9 +117,11 @@ class Watcher:
                 self._drain(timeout=POLL_S)
                 self._settle()
                 self._maybe_process()
+                self._maybe_recluster()
                 self._write_status()
                 if self.once and not self.pending and not self.ready:
                     self._drop_vanished()
+                    self._maybe_recluster(wait=True)
                     break
             if self.ready and not self.once:
                 log.info("stopping: %d settled files left for the next start", len(self.ready))
@@ -297,6 +301,36 @@ class Watcher:
             self.ingestor.index.catch_up()
             log.info("moved files=%d", moved)
 
+    # ------------------------------------------------------------------ periodic reclustering
+    def _maybe_recluster(self, wait: bool = False) -> None:
+        """Recluster when due (see clustering.due): computed on a snapshot in a thread, applied between batches."""
+        from indexer import clustering
+
+        store, cs = self.fi.store, self.settings.cluster
+        if self._job is None:
+            now = time.monotonic()
+            if not wait and now - self._recluster_checked < 2.0:
+                return
+            self._recluster_checked = now
+            with store.read() as txn:
+                n_faces = txn.stat(store.db["faces"])["entries"]
+            if not clustering.due(store, cs, n_faces):
+                return
+            self._job = ReclusterJob(store, cs)
+            self._job.start()
+        if wait:
+            self._job.join()
+        if self._job.is_alive():
+            return
+        job, self._job = self._job, None
+        if job.error is not None:
+            log.warning("recluster failed: %s", job.error)
+            return
+        result = clustering.apply(store, job.computed, cs)
+        self.ingestor.index.catch_up()
+        log.info("reclustered %s: k=%d over %d faces in %.1f s", result.method, len(result.ids), result.n_faces,
+                 job.computed.seconds)
+
     # ------------------------------------------------------------------ status
     def _write_status(self, force: bool = False, running: bool = True) -> None:
         now = time.monotonic()
@@ -306,6 +340,32 @@ class Watcher:
         write_daemon_status(self.fi.dir, pid=os.getpid(), root=str(self.root), running=running,
                             backlog=len(self.pending) + len(self.ready) + self.events.qsize(),
                             last_event=self.last_event, faces_added=self.summary.faces)
+
+
+class ReclusterJob(threading.Thread):
+    """Clusters a snapshot of the store's vectors off the main loop (daemon thread: never delays shutdown)."""
+
+    def __init__(self, store, settings) -> None:
+        super().__init__(name="recluster", daemon=True)
+        from indexer import clustering
+        from indexer.store.clusters import load_clustering
+
+        self.settings = settings
+        self.previous = load_clustering(store)
+        self.ids, self.x = clustering.snapshot(store)
+        self.computed = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        from indexer import clustering
+
+        prev = self.previous
+        try:
+            k = len(prev.ids) if prev.method == "kmeans" else None
+            self.computed = clustering.compute(self.ids, self.x, self.settings, method=prev.method, k=k,
+                                               threshold=prev.params.get("threshold"), previous=prev)
+        except Exception as exc:  # reported by the main loop; the daemon keeps indexing
+            self.error = exc
 
 
 def _stat_or_none(path: str):

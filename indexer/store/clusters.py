@@ -73,6 +73,7 @@ def save_clustering(store: FaceStore, txn, clustering: Clustering) -> None:
         rec = {"center": np.ascontiguousarray(center, np.float32).tobytes(), "size": clustering.sizes.get(cid, 0),
                "name": clustering.names.get(cid, "")}
         txn.put(u64(cid), pack(rec), db=store.db["clusters"])
+    store.put_meta(txn, "clustering_version", store.get_meta("clustering_version", 0, txn) + 1)
     store.put_meta(txn, "clustering", {
         "method": clustering.method, "params": clustering.params, "metrics": clustering.metrics,
         "created": clustering.created, "n_faces": clustering.n_faces, "mapping": clustering.mapping[-200:],
@@ -92,13 +93,21 @@ def nearest_center(vectors: np.ndarray, ids: np.ndarray, centers: np.ndarray,
 
 
 def live_assigner(store: FaceStore, settings: ClusterSettings):
-    """A function assigning new vectors to the stored centers, or None while no clustering exists."""
-    clustering = load_clustering(store)
-    if clustering is None or len(clustering.ids) == 0:
-        return None
-    ids, centers = clustering.ids, clustering.centers
+    """A function assigning new vectors to the stored centers (all -1 while no clustering exists).
+
+    It rereads the centers whenever the stored clustering changed (a recluster or a merge, maybe by another
+    process), checked by a version number: one small read per batch.
+    """
+    cache: dict[str, Any] = {"version": None, "ids": np.zeros(0, np.int64), "centers": np.zeros((0, 512), np.float32)}
 
     def assign(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return nearest_center(vectors, ids, centers, settings.assign_min_similarity)
+        with store.read() as txn:
+            version = store.get_meta("clustering_version", 0, txn)
+            if version != cache["version"]:
+                clustering = load_clustering(store, txn)
+                cache["version"] = version
+                if clustering is not None:
+                    cache["ids"], cache["centers"] = clustering.ids, clustering.centers
+        return nearest_center(vectors, cache["ids"], cache["centers"], settings.assign_min_similarity)
 
     return assign

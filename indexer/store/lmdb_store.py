@@ -59,6 +59,8 @@ class FileRecord:
     reason: str = ""
     face_ids: list[int] = field(default_factory=list)
     indexed_at: float = 0.0
+    width: int = 0              # pixels of the oriented image (0 when it could not be decoded)
+    height: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()

@@ -1,0 +1,234 @@
+"""Clustering over the store: (re)cluster, stable ids, persons (names, merges), seed artefacts.
+
+The algorithms are pure functions in ``indexer.cluster``; this module reads vectors from the store, runs them,
+matches the new clusters to the old ones (Hungarian on cosine, so ids and names survive), and writes the result in
+one transaction. ``compute`` touches no state, so the daemon runs it on a snapshot in a thread and applies the
+result between two batches; faces committed meanwhile are assigned to the new centers when it is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from indexer.cluster import (
+    assign_to_centers,
+    centers_from_labels,
+    choose_k,
+    cluster_identities,
+    fit_kmeans,
+    internal_scores,
+    match_ids,
+)
+from indexer.config import ClusterSettings
+from indexer.errors import ClusteringError, NotFoundError
+from indexer.store.clusters import Clustering, load_clustering, save_clustering
+from indexer.store.lmdb_store import FaceStore
+
+log = logging.getLogger("faceindex.cluster")
+ID_MATCH_MIN_SIMILARITY = 0.5  # an old and a new center this close are the same person
+
+
+@dataclass
+class Computed:
+    """The outcome of clustering one snapshot of the store (no ids matched yet)."""
+
+    method: str
+    params: dict[str, Any]
+    face_ids: np.ndarray
+    labels: np.ndarray            # per face, row of ``centers`` or -1
+    centers: np.ndarray
+    metrics: dict[str, Any]
+    k_table: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def snapshot(store: FaceStore) -> tuple[np.ndarray, np.ndarray]:
+    with store.read() as txn:
+        return store.all_vectors(txn)
+
+
+def compute(ids: np.ndarray, x: np.ndarray, settings: ClusterSettings, method: str | None = None,
+            k: int | str | None = None, threshold: float | None = None,
+            previous: Clustering | None = None) -> Computed:
+    """Cluster one snapshot. ``k``: an int, "auto" (silhouette over a range), or None (config; 0 = auto)."""
+    started = time.perf_counter()
+    method = method or settings.method
+    n = len(ids)
+    if n == 0:
+        raise ClusteringError("the index holds no faces yet; run `faceindex ingest PATH` first")
+    params: dict[str, Any] = {}
+    table: list[dict] = []
+    if method == "kmeans":
+        k = settings.k if k is None else k
+        if k in ("auto", 0):
+            if n < 3:
+                raise ClusteringError(f"{n} faces are too few to choose k; add photos or pass --k 1")
+            k, table = choose_k(x, range(2, min(40, n - 1) + 1), seed=settings.seed)
+        k = int(k)
+        if k > n:
+            raise ClusteringError(f"{n} faces cannot make {k} clusters; add photos or lower --k")
+        init = None
+        if previous is not None and previous.method == "kmeans" and len(previous.ids) == k:
+            init = previous.centers  # warm start: clusters stay where they were, fewer iterations
+        result = fit_kmeans(x, k, seed=settings.seed, init_centers=init)
+        labels = result.labels
+        params = {"k": k, "warm_start": init is not None}
+    else:
+        threshold = settings.threshold if threshold is None else threshold
+        labels = cluster_identities(x, method, threshold=threshold, min_cluster_size=settings.min_cluster_size,
+                                    seed=settings.seed)
+        params = {"threshold": threshold, "min_cluster_size": settings.min_cluster_size}
+    centers, rows = centers_from_labels(x, labels)
+    # Renumber labels to rows of ``centers`` (centers_from_labels returns the label values it saw, sorted).
+    row_of = {int(label): i for i, label in enumerate(rows.tolist())}
+    labels = np.array([row_of.get(int(label), -1) for label in labels], dtype=np.int64)
+    metrics = internal_scores(x, labels, seed=settings.seed)
+    return Computed(method, params, ids, labels, centers, metrics, table, time.perf_counter() - started)
+
+
+def apply(store: FaceStore, computed: Computed, settings: ClusterSettings) -> Clustering:
+    """Match ids to the stored clustering, write clusters and every face's assignment in one transaction."""
+    def write(txn) -> Clustering:
+        previous = load_clustering(store, txn)
+        if previous is not None and len(previous.ids) and len(computed.centers):
+            new_ids, mapping = match_ids(previous.centers, previous.ids, computed.centers,
+                                         min_similarity=ID_MATCH_MIN_SIMILARITY)
+        else:
+            new_ids = np.arange(len(computed.centers), dtype=np.int64)
+            mapping = [f"new cluster {i} gets id {i} (first clustering)" for i in range(len(new_ids))]
+        names = {int(i): previous.names[int(i)] for i in new_ids if previous and int(i) in previous.names}
+        sims = np.full(len(computed.face_ids), np.nan, np.float32)
+        assigned = computed.labels >= 0
+        if len(computed.centers):
+            sims[assigned] = np.einsum("ij,ij->i", _vectors(store, txn, computed.face_ids[assigned]),
+                                       computed.centers[computed.labels[assigned]])
+        cluster_of = np.where(assigned, new_ids[np.maximum(computed.labels, 0)] if len(new_ids) else -1, -1)
+        for face_id, cluster, sim in zip(computed.face_ids.tolist(), cluster_of.tolist(), sims.tolist(), strict=True):
+            store.set_face_cluster(txn, face_id, cluster, sim)
+        # Faces committed after the snapshot (the daemon kept ingesting): assign them to the new centers.
+        known = set(computed.face_ids.tolist())
+        late = [f.face_id for f in store.iter_faces(txn) if f.face_id not in known]
+        if late and len(new_ids):
+            labels, late_sims = assign_to_centers(_vectors(store, txn, np.asarray(late)), computed.centers,
+                                                  settings.assign_min_similarity, ids=new_ids)
+            for face_id, cluster, sim in zip(late, labels.tolist(), late_sims.tolist(), strict=True):
+                store.set_face_cluster(txn, face_id, cluster, sim)
+        sizes = {int(i): int((cluster_of == i).sum()) for i in new_ids}
+        clustering = Clustering(method=computed.method, params=computed.params, ids=new_ids,
+                                centers=computed.centers, sizes=sizes, names=names, metrics=computed.metrics,
+                                n_faces=len(computed.face_ids) + len(late), mapping=mapping)
+        save_clustering(store, txn, clustering)
+        return clustering
+
+    clustering = store.transact(write)
+    for line in clustering.mapping:
+        log.info("recluster: %s", line)
+    return clustering
+
+
+def _vectors(store: FaceStore, txn, ids: np.ndarray) -> np.ndarray:
+    if len(ids) == 0:
+        return np.zeros((0, 512), np.float32)
+    return np.stack([store.get_vector(int(i), txn) for i in ids])
+
+
+def recluster(store: FaceStore, settings: ClusterSettings, method: str | None = None, k: int | str | None = None,
+              threshold: float | None = None) -> dict[str, Any]:
+    ids, x = snapshot(store)
+    computed = compute(ids, x, settings, method, k, threshold, previous=load_clustering(store))
+    clustering = apply(store, computed, settings)
+    return {**clustering.summary(), "seconds": round(computed.seconds, 2), "k_table": computed.k_table,
+            "mapping": clustering.mapping, "unassigned": int((computed.labels < 0).sum())}
+
+
+def due(store: FaceStore, settings: ClusterSettings, n_faces: int) -> bool:
+    """The daemon's rule: recluster when the index grew by recluster_growth, or recluster_interval_s passed."""
+    current = load_clustering(store)
+    if current is None:
+        return False  # the first clustering is the user's call (`faceindex cluster`): method and k are theirs
+    grown = n_faces - current.n_faces
+    if grown <= 0:
+        return False
+    return (grown >= settings.recluster_growth * max(current.n_faces, 1)
+            or time.time() - current.created >= settings.recluster_interval_s)
+
+
+# ---------------------------------------------------------------------------------------------------- persons
+def require_clustering(store: FaceStore) -> Clustering:
+    clustering = load_clustering(store)
+    if clustering is None or len(clustering.ids) == 0:
+        raise ClusteringError("no clusters yet; run `faceindex cluster` first")
+    return clustering
+
+
+def people(store: FaceStore) -> list[dict[str, Any]]:
+    clustering = require_clustering(store)
+    cohesion: dict[int, list[float]] = {int(i): [] for i in clustering.ids}
+    with store.read() as txn:
+        for face in store.iter_faces(txn):
+            if face.cluster in cohesion:
+                cohesion[face.cluster].append(face.similarity)
+    rows = [{"id": cid, "name": clustering.names.get(cid, ""), "size": len(sims),
+             "cohesion": round(float(np.mean(sims)), 4) if sims else None} for cid, sims in cohesion.items()]
+    return sorted(rows, key=lambda r: (-r["size"], r["id"]))
+
+
+def person(store: FaceStore, cluster_id: int) -> dict[str, Any]:
+    clustering = require_clustering(store)
+    if cluster_id not in set(clustering.ids.tolist()):
+        raise NotFoundError(f"no cluster {cluster_id}; see `faceindex people list`")
+    with store.read() as txn:
+        faces = [f.to_dict() for f in store.iter_faces(txn) if f.cluster == cluster_id]
+    faces.sort(key=lambda f: -f["similarity"])
+    return {"id": cluster_id, "name": clustering.names.get(cluster_id, ""), "size": len(faces), "faces": faces}
+
+
+def name(store: FaceStore, cluster_id: int, new_name: str) -> dict[str, Any]:
+    def write(txn) -> dict[str, Any]:
+        clustering = load_clustering(store, txn)
+        if clustering is None or cluster_id not in set(clustering.ids.tolist()):
+            raise NotFoundError(f"no cluster {cluster_id}; see `faceindex people list`")
+        clustering.names[cluster_id] = new_name.strip()
+        if not clustering.names[cluster_id]:
+            clustering.names.pop(cluster_id)
+        save_clustering(store, txn, clustering)
+        return {"id": cluster_id, "name": new_name.strip()}
+
+    return store.transact(write)
+
+
+def merge(store: FaceStore, keep: int, other: int) -> dict[str, Any]:
+    """Fold cluster ``other`` into ``keep``: its faces move, the center becomes the mean of both, a name survives."""
+    if keep == other:
+        raise ClusteringError("cannot merge a cluster with itself")
+
+    def write(txn) -> dict[str, Any]:
+        clustering = load_clustering(store, txn)
+        ids = set(clustering.ids.tolist()) if clustering else set()
+        for cid in (keep, other):
+            if cid not in ids:
+                raise NotFoundError(f"no cluster {cid}; see `faceindex people list`")
+        members = [f for f in store.iter_faces(txn) if f.cluster in (keep, other)]
+        vectors = _vectors(store, txn, np.array([f.face_id for f in members]))
+        center = vectors.mean(axis=0)
+        center /= np.linalg.norm(center)
+        for face, vector in zip(members, vectors, strict=True):
+            store.set_face_cluster(txn, face.face_id, keep, float(vector @ center))
+        rows = clustering.ids != other
+        clustering.ids, clustering.centers = clustering.ids[rows], clustering.centers[rows]
+        clustering.centers[np.flatnonzero(clustering.ids == keep)[0]] = center
+        clustering.sizes[keep] = len(members)
+        clustering.sizes.pop(other, None)
+        other_name = clustering.names.pop(other, "")
+        if not clustering.names.get(keep) and other_name:
+            clustering.names[keep] = other_name
+        clustering.mapping.append(f"merged cluster {other} into {keep}")
+        save_clustering(store, txn, clustering)
+        return {"id": keep, "name": clustering.names.get(keep, ""), "size": len(members), "merged": other}
+
+    return store.transact(write)
