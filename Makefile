@@ -24,9 +24,11 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The main job on the built-in defaults: index the bundled sample photos, then ask who is in a group photo.
+# The main job on the built-in defaults: catch the daemon up with the bundled sample photos (--once), cluster the
+# faces into persons, and ask who is in a group photo.
 demo: install
-	$(BIN)/faceindex ingest --index $(DEMO_INDEX) samples
+	$(BIN)/faceindex watch --once --index $(DEMO_INDEX) samples
+	$(BIN)/faceindex cluster --index $(DEMO_INDEX)
 	$(BIN)/faceindex status --index $(DEMO_INDEX)
 	$(BIN)/faceindex query --index $(DEMO_INDEX) -k 3 samples/group/kit_with_rose.jpg
 
