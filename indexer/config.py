@@ -53,9 +53,10 @@ class IndexSettings:
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    method: str = "agglomerative"    # kmeans | threshold | agglomerative | hdbscan
+    method: str = "adaptive"         # adaptive | agglomerative | hdbscan | threshold | kmeans
     k: int = 0                       # kmeans only; 0 means auto (silhouette over a range)
-    threshold: float = 0.55          # cosine similarity for threshold/agglomerative linkage
+    threshold: float = 0.53          # cosine similarity for the linkage / graph methods
+    pair_margin: float = 0.06        # adaptive: a merge of a- and b-face clusters needs threshold + margin/sqrt(ab)
     min_cluster_size: int = 2        # hdbscan
     assign_min_similarity: float = 0.45  # live assignment: below this a face stays unassigned (-1)
     recluster_growth: float = 0.25   # daemon reclusters when the index grew by this fraction...
@@ -121,6 +122,7 @@ def validate(s: Settings) -> Settings:
          "cluster.method must be adaptive, agglomerative, hdbscan, threshold or kmeans"),
         (-1.0 <= s.cluster.threshold <= 1.0, "cluster.threshold must be a cosine in [-1, 1]"),
         (s.cluster.k >= 0, "cluster.k must be >= 0 (0 = auto)"),
+        (s.cluster.pair_margin >= 0, "cluster.pair_margin must be >= 0"),
         (s.watch.settle_s >= 0, "watch.settle_s must be >= 0"),
         (0 < s.index.target_recall <= 1, "index.target_recall must be in (0, 1]"),
     ]

@@ -108,7 +108,7 @@ def test_seed_artefacts_have_the_documented_shapes(copy_index, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert centers.dtype == np.float32 and centers.shape == (train["k"], 512)
     assert np.allclose(np.linalg.norm(centers, axis=1), 1.0, atol=1e-5)
-    assert train["model"].startswith("casia-webface:") and train["method"] == "agglomerative"
+    assert train["model"].startswith("casia-webface:") and train["method"] == "adaptive"
     assert len(train["faces"]) == 16
     for f in train["faces"]:
         assert set(f) >= {"face_id", "path", "box", "prob", "cluster", "similarity"}

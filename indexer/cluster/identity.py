@@ -1,0 +1,330 @@
+"""Identity clustering: group unit face embeddings into people, and assign new faces to existing people.
+
+Methods (all take cosine thresholds, since rows are unit vectors and cosine is the inner product):
+- ``kmeans``: spherical K-Means with a given k. Fast, but k must be known and every face is forced into a
+  cluster, so it is poor at identities (on LFW, with k = number of people, pairwise F1 is < 0.1).
+- ``threshold``: connected components of the k-NN graph with cosine >= threshold (single linkage). One wrong
+  edge chains two people together, so big clusters swallow others.
+- ``agglomerative``: average linkage cut at cosine >= threshold. Exact, via a decomposition: two clusters can only
+  be merged when their mean pairwise cosine is >= threshold, which needs at least one pair >= threshold, so every
+  average-linkage cluster lies inside one single-linkage component at the same threshold. Those components come
+  from an exact FAISS range search (all pairs with cosine >= threshold) and each is clustered on its own, which
+  keeps the O(m^2) time and memory of linkage to the size m of a component instead of N. A component larger than
+  ``EXACT_LINKAGE_MAX`` faces is clustered with linkage restricted to its range-search edges (scikit-learn's
+  connectivity-constrained linkage: memory O(edges)), an approximation that is logged.
+- ``adaptive`` (the recommended default): the same average-linkage tree, cut with a size-aware test, merge
+  cosine >= threshold + pair_margin / sqrt(a * b) for clusters of a and b faces. A merge judged on one pair of
+  photos must clear a higher bar than one judged on the mean of many pairs. On LFW this keeps strangers with one
+  or two photos apart (BCubed precision) without splitting people with many photos (pairwise recall).
+- ``hdbscan``: scikit-learn's HDBSCAN on chord distances (O(N^2) memory up to ``HDBSCAN_MAX`` faces).
+
+Clusters smaller than ``min_cluster_size`` become noise (-1): a face seen once is "not yet a person".
+Labels are renumbered 0..C-1 by decreasing cluster size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from indexer.cluster.kmeans import as_unit_matrix, check_k, fit_kmeans, nearest_center
+from indexer.errors import ClusteringError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("adaptive", "agglomerative", "hdbscan", "threshold", "kmeans")
+# Tuned on LFW View 1 (dev-train, LFW's tuning set); the sweeps are in benchmarks/results/bench_cluster.txt.
+DEFAULT_THRESHOLD = {"adaptive": 0.53, "agglomerative": 0.55, "threshold": 0.70}
+DEFAULT_PAIR_MARGIN = 0.06
+# A component of m faces needs an m x m float64 condensed distance matrix for exact linkage: 15k faces ~ 0.9 GB.
+EXACT_LINKAGE_MAX = 15_000
+# HDBSCAN here runs on a full N x N distance matrix (8 bytes per pair): 15k faces ~ 1.8 GB.
+HDBSCAN_MAX = 15_000
+KNN_NEIGHBORS = 32
+
+
+def renumber(labels: np.ndarray, min_cluster_size: int = 1) -> np.ndarray:
+    """Labels 0..C-1 by decreasing cluster size (ties: first appearance); clusters below the minimum become -1."""
+    labels = np.asarray(labels, dtype=np.int64)
+    out = np.full(labels.shape, -1, np.int64)
+    valid = labels >= 0
+    if not valid.any():
+        return out
+    ids, first, inverse, counts = np.unique(labels[valid], return_index=True, return_inverse=True,
+                                            return_counts=True)
+    order = np.lexsort((first, -counts))
+    rank = np.empty(len(ids), np.int64)
+    rank[order] = np.arange(len(ids))
+    new = rank[inverse]
+    new[counts[inverse] < min_cluster_size] = -1
+    # Dropping small clusters leaves gaps at the end only, because ranks sort by size.
+    out[valid] = new
+    return out
+
+
+def knn_graph(x: np.ndarray, neighbors: int = KNN_NEIGHBORS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by cosine, self excluded: (similarities [N, k], indices [N, k])."""
+    n = x.shape[0]
+    k = min(neighbors, n - 1)
+    if k < 1:
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    sims, idx = index.search(x, k + 1)
+    # Drop each row's own entry (duplicates may outrank it, so remove by identity, not by position 0).
+    own = idx == np.arange(n)[:, None]
+    keep = ~own
+    drop_last = keep.sum(axis=1) > k   # rows where self was not among the first k+1: drop the weakest instead
+    keep[drop_last, -1] = False
+    return sims[keep].reshape(n, k), idx[keep].reshape(n, k).astype(np.int64)
+
+
+def similarity_graph(x: np.ndarray, threshold: float) -> csr_matrix:
+    """Sparse symmetric graph of every pair with cosine >= ``threshold`` (exact FAISS range search), self excluded."""
+    n = x.shape[0]
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    lims, _, idx = index.range_search(x, float(threshold))
+    rows = np.repeat(np.arange(n), np.diff(lims.astype(np.int64)))
+    off = rows != idx
+    # Structure only (weight 1): a cosine of exactly 0 would otherwise vanish as a sparse zero.
+    graph = coo_matrix((np.ones(int(off.sum()), np.int8), (rows[off], idx[off])), shape=(n, n)).tocsr()
+    return graph.maximum(graph.T)
+
+
+def threshold_components(x: np.ndarray, threshold: float, neighbors: int = KNN_NEIGHBORS) -> np.ndarray:
+    """Connected components of the k-NN graph keeping edges with cosine >= threshold (labels, not renumbered)."""
+    n = x.shape[0]
+    sims, idx = knn_graph(x, neighbors)
+    mask = sims >= threshold
+    rows = np.repeat(np.arange(n), sims.shape[1])[mask.ravel()]
+    graph = coo_matrix((np.ones(int(mask.sum()), np.int8), (rows, idx[mask])), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def _condensed_cosine(x: np.ndarray, block: int = 1024) -> np.ndarray:
+    """Condensed (scipy ``pdist`` layout) cosine distances of unit rows, built by row blocks of BLAS products.
+
+    Filling the condensed array block by block keeps peak memory at the condensed float64 array (what linkage
+    needs anyway) plus one block, instead of a full N x N matrix in two dtypes.
+    """
+    n = x.shape[0]
+    out = np.empty(n * (n - 1) // 2, np.float64)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        dist = 1.0 - x[start:stop] @ x.T
+        np.clip(dist, 0.0, 2.0, out=dist)
+        for i in range(start, stop):
+            offset = i * n - i * (i + 1) // 2
+            out[offset:offset + n - i - 1] = dist[i - start, i + 1:]
+    return out
+
+
+def _tree_exact(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average-linkage merges of ``x`` (m >= 2 rows): children [m-1, 2] (scipy numbering) and merge cosines."""
+    from scipy.cluster.hierarchy import linkage
+
+    tree = linkage(_condensed_cosine(x), method="average")
+    return tree[:, :2].astype(np.int64), 1.0 - tree[:, 2]
+
+
+def _tree_on_graph(x: np.ndarray, graph: csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Like ``_tree_exact`` but only pairs joined in ``graph`` count (memory O(edges), an approximation)."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    # n_clusters=1 with the full tree: every merge of the (connected) component, to be cut by LinkageForest.cut.
+    model = AgglomerativeClustering(n_clusters=1, metric="cosine", linkage="average", connectivity=graph,
+                                    compute_full_tree=True, compute_distances=True)
+    model.fit(x)
+    return model.children_.astype(np.int64), 1.0 - model.distances_
+
+
+@dataclass(frozen=True)
+class LinkageForest:
+    """Average-linkage trees of every single-linkage component at cosine ``floor`` (see the module doc).
+
+    Node ids follow scipy: leaves are 0..n-1, merge j creates node n + j, and children always come before their
+    parent. Built once, it can be cut at any threshold >= ``floor`` (the benchmark sweeps thresholds this way).
+    """
+
+    n: int
+    floor: float
+    children: np.ndarray    # int64 [M, 2]
+    similarity: np.ndarray  # float64 [M], average cosine between the two merged clusters
+    approximate: int        # faces in components too large for exact linkage
+
+    def cut(self, threshold: float, pair_margin: float = 0.0) -> np.ndarray:
+        """Labels (not renumbered) of the maximal subtrees whose merges all pass the size-aware test.
+
+        A merge of clusters of a and b faces passes when its average cosine is >= threshold + pair_margin /
+        sqrt(a * b). With pair_margin 0 that is the plain average-linkage cut. A margin asks more of merges judged
+        on few pairs: one pair of photos is a noisy estimate of "same person", the mean over many pairs is not.
+        """
+        if threshold < self.floor - 1e-9:
+            raise ClusteringError(f"This linkage was built for thresholds >= {self.floor:.2f}, not {threshold:.2f}; "
+                                  "rebuild it with a lower floor.")
+        n, m = self.n, self.children.shape[0]
+        size = np.ones(n + m, np.int64)
+        ok = np.ones(n + m, bool)
+        parent = np.full(n + m, -1, np.int64)
+        for j, (a, b) in enumerate(self.children.tolist()):
+            node = n + j
+            size[node] = size[a] + size[b]
+            parent[a] = parent[b] = node
+            ok[node] = ok[a] and ok[b] and self.similarity[j] >= threshold + pair_margin / np.sqrt(size[a] * size[b])
+        # Every node takes the label of its highest accepted ancestor; parents have higher ids, so go downwards.
+        label = np.arange(n + m, dtype=np.int64)
+        for node in range(n + m - 2, -1, -1):
+            p = parent[node]
+            if p >= 0 and ok[p]:
+                label[node] = label[p]
+        return label[:n].copy()
+
+
+def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXACT_LINKAGE_MAX) -> LinkageForest:
+    """Build the average-linkage forest of unit rows ``x`` for cuts at cosine >= ``floor``."""
+    n = x.shape[0]
+    graph = similarity_graph(x, floor)
+    _, comp = connected_components(graph, directed=False)
+    order = np.argsort(comp, kind="stable")
+    bounds = np.flatnonzero(np.diff(comp[order])) + 1
+    children, sims = [], []
+    next_node, approximate = n, 0
+    for members in np.split(order, bounds):
+        m = len(members)
+        if m < 2:
+            continue
+        if m <= exact_max:
+            local, sim = _tree_exact(x[members])
+        else:
+            log.warning("average linkage: a component of %d faces exceeds %d; linkage restricted to pairs with "
+                        "cosine >= %.2f (approximate)", m, exact_max, floor)
+            approximate += m
+            local, sim = _tree_on_graph(x[members], graph[members][:, members])
+        # Local ids: leaves 0..m-1 are members; internal m + j becomes the next free global node.
+        glob = np.concatenate([members, next_node + np.arange(m - 1)])
+        children.append(glob[local])
+        sims.append(sim)
+        next_node += m - 1
+    if children:
+        return LinkageForest(n, floor, np.concatenate(children), np.concatenate(sims), approximate)
+    return LinkageForest(n, floor, np.zeros((0, 2), np.int64), np.zeros(0), approximate)
+
+
+def hdbscan_labels(x: np.ndarray, min_cluster_size: int) -> np.ndarray:
+    """scikit-learn HDBSCAN on chord distances sqrt(2 - 2 cos) (noise = -1).
+
+    Chord rather than cosine distance: HDBSCAN's cluster stability integrates 1 / distance, so the two give
+    different trees; chord (Euclidean on unit rows) is what HDBSCAN is usually run with and scored better on LFW.
+    Up to ``HDBSCAN_MAX`` faces the distance matrix is precomputed with one BLAS product; above, scikit-learn
+    computes distances itself (memory O(N), but slow in 512-d).
+    """
+    from sklearn.cluster import HDBSCAN
+
+    n = x.shape[0]
+    if n < 2:
+        return np.full(n, -1, np.int64)
+    size = max(2, min_cluster_size)
+    if n > HDBSCAN_MAX:
+        log.warning("hdbscan on %d faces without a distance matrix: this is slow; prefer the adaptive method", n)
+        return HDBSCAN(min_cluster_size=size, metric="euclidean").fit_predict(x).astype(np.int64)
+    dist = np.sqrt(np.clip(2.0 - 2.0 * (x @ x.T).astype(np.float64), 0.0, 4.0))
+    np.fill_diagonal(dist, 0.0)
+    return HDBSCAN(min_cluster_size=size, metric="precomputed", copy=False).fit_predict(dist).astype(np.int64)
+
+
+def cluster_identities(
+    x: np.ndarray,
+    method: str,
+    *,
+    threshold: float | None = None,
+    min_cluster_size: int = 2,
+    seed: int = 1234,
+    k: int | None = None,
+    pair_margin: float | None = None,
+) -> np.ndarray:
+    """Cluster labels (int64 [N], -1 = noise/unassigned) of unit embeddings ``x`` by ``method``.
+
+    ``threshold`` is a cosine similarity (adaptive, agglomerative, threshold; None = the method's tuned default),
+    ``pair_margin`` the adaptive method's extra cosine for merges judged on few pairs, ``k`` is required for
+    kmeans, and ``min_cluster_size`` turns smaller clusters into noise (all methods but kmeans).
+    """
+    x = as_unit_matrix(x)
+    n = x.shape[0]
+    if method not in METHODS:
+        raise ClusteringError(f"Unknown clustering method {method!r}; choose one of {', '.join(METHODS)}.")
+    if min_cluster_size < 1:
+        raise ClusteringError(f"min_cluster_size must be at least 1, got {min_cluster_size}.")
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD.get(method, 0.0)
+    if not -1.0 <= threshold <= 1.0:
+        raise ClusteringError(f"threshold is a cosine similarity and must lie in [-1, 1], got {threshold}.")
+    margin = DEFAULT_PAIR_MARGIN if pair_margin is None else pair_margin
+    if margin < 0:
+        raise ClusteringError(f"pair_margin must be >= 0, got {margin}.")
+    if method == "kmeans":
+        if k is None:
+            raise ClusteringError("kmeans needs k; pass --k N or choose it with --k auto.")
+        check_k(n, k)
+        return fit_kmeans(x, k, seed=seed).labels
+    if n == 0:
+        raise ClusteringError("There are no faces to cluster; index some photos first.")
+    if method == "threshold":
+        labels = threshold_components(x, threshold)
+    elif method == "agglomerative":
+        labels = average_linkage_forest(x, threshold).cut(threshold)
+    elif method == "adaptive":
+        labels = average_linkage_forest(x, threshold).cut(threshold, margin)
+    else:
+        labels = hdbscan_labels(x, min_cluster_size)
+    return renumber(labels, min_cluster_size)
+
+
+def centers_from_labels(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centers float32 [C, d] = normalised mean of each cluster's rows, ids int64 [C] sorted); noise (-1) skipped."""
+    x = as_unit_matrix(x)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (x.shape[0],):
+        raise ClusteringError(f"{labels.shape[0] if labels.ndim else 0} labels for {x.shape[0]} faces; "
+                              "pass one label per face.")
+    kept = labels >= 0
+    ids, inverse = np.unique(labels[kept], return_inverse=True)
+    sums = np.zeros((len(ids), x.shape[1]), np.float64)
+    np.add.at(sums, inverse, x[kept])
+    return as_unit_matrix(sums, "centers"), ids.astype(np.int64)
+
+
+def assign_to_centers(
+    x: np.ndarray,
+    centers: np.ndarray,
+    min_similarity: float,
+    *,
+    ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest center of each face: (labels int64 [N], cosine float32 [N]); label -1 when cosine < min_similarity.
+
+    Labels are row indices of ``centers`` unless ``ids`` (one per center) is given, in which case they are ids.
+    """
+    x = as_unit_matrix(x)
+    centers = as_unit_matrix(centers, "centers")
+    if x.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if centers.shape[0] == 0:
+        # No people yet: every face is unassigned, similarity undefined.
+        return np.full(x.shape[0], -1, np.int64), np.full(x.shape[0], np.nan, np.float32)
+    if centers.shape[1] != x.shape[1]:
+        raise ClusteringError(f"Faces are {x.shape[1]}-d but centers are {centers.shape[1]}-d; recluster with the "
+                              "current model.")
+    labels, sims = nearest_center(x, centers)
+    if ids is not None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape != (centers.shape[0],):
+            raise ClusteringError(f"{ids.shape[0]} ids for {centers.shape[0]} centers; pass one id per center.")
+        labels = ids[labels]
+    labels[sims < min_similarity] = -1
+    return labels, sims
