@@ -190,7 +190,7 @@ def _status_text(s: dict) -> str:
         f"files      {f['indexed']} indexed, {f['no_face']} without faces, {f['failed']} failed",
         f"faces      {s['faces']}",
         f"model      {s['model']}",
-        f"vectors    {s['index']['type']} with {s['index']['vectors']} vectors: {s['index']['reason']}",
+        f"vectors    {s['index']['type']}, {s['index']['reason']}",
         f"clusters   {c['method']}, k={c['k']}" + (f", last recluster {c['last_recluster']}" if c.get("k") else ""),
         "daemon     " + (f"running (pid {d['pid']}), backlog {d['backlog']}, last event {d['last_event']}"
                           if d["running"] else "not running"),

@@ -46,9 +46,9 @@ class IngestSettings:
 
 @dataclass(frozen=True)
 class IndexSettings:
-    exact_max_vectors: int = 200_000 # Flat (exact) up to here, IVF above: see indexer/store/choose.py
+    exact_max_vectors: int = 50_000  # Flat (exact) up to here, IVF above: see indexer/store/choose.py
     target_recall: float = 0.95      # IVF nprobe is chosen for this recall@10
-    snapshot_every: int = 2000       # save the FAISS file after this many new vectors (and at exit)
+    snapshot_every: int = 2000       # save the FAISS file after this many changes or 10% growth (and at exit)
 
 
 @dataclass(frozen=True)

@@ -33,3 +33,7 @@ class NotFoundError(FaceIndexError):
 
 class ClusteringError(FaceIndexError):
     """Clustering cannot run on this index as asked (too few faces, bad k, ...)."""
+
+
+class IndexFileError(FaceIndexError):
+    """The saved vector index file is missing, truncated or damaged: rebuild it from the store."""

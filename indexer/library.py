@@ -152,6 +152,9 @@ class FaceIndex:
                 results.append({**{k_: rec[k_] for k_ in ("box", "prob") if k_ in rec}, "matches": matches[:k]})
         return results
 
+    def _index_info(self, index) -> dict[str, Any]:
+        return _index_info_for(index, self.settings.index)
+
     def status(self) -> dict[str, Any]:
         counts = self.store.counts()
         index = self.vectors
@@ -163,11 +166,23 @@ class FaceIndex:
             "files": counts["files"],
             "faces": counts["faces"],
             "model": counts["model"],
-            "index": {**index.index.info, "snapshot_seq": index.saved_seq, "store_seq": counts["seq"]},
+            "index": {**self._index_info(index.index), "snapshot_seq": index.saved_seq, "store_seq": counts["seq"]},
             "clusters": clustering.summary() if clustering else {"method": None, "k": 0},
             "daemon": daemon_status(self.dir),
             "store_bytes": self.store.disk_bytes(),
         }
+
+
+def _index_info_for(index, settings) -> dict[str, Any]:
+    """The index's info, with the reason restated for its current size when the choice for that size agrees."""
+    from indexer.store.choose import choose_index
+
+    info = dict(index.info)
+    now = choose_index(len(index), exact_max_vectors=settings.exact_max_vectors,
+                       target_recall=settings.target_recall)
+    if now.key == info["type"]:
+        info["reason"] = now.reason
+    return info
 
 
 def daemon_status(index_dir: Path) -> dict[str, Any]:

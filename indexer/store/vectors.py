@@ -1,0 +1,339 @@
+"""The FAISS vector index: L2-normalised float32 face vectors searched by inner product (cosine), keyed by face id.
+
+The index is derived data: LMDB holds every vector, and the owner rebuilds from it whenever the index file is
+missing or damaged (``load`` raises ``IndexFileError``) or the index outgrew its kind (``should_rebuild``).
+
+Two parts, chosen by ``choose_index`` (see indexer/store/choose.py for why):
+- the exact store ``IndexIDMap2(IndexFlatIP)``: every vector in float32 by id. Alone it is the ``Flat`` index;
+- for large n a coarse index (``PCA128,IVF4096,SQ8``: projected, 8-bit codes in inverted lists, its own ids) that
+  proposes ``k * refine`` candidates which the exact store re-scores (key suffix ``,RFlat``). faiss's own
+  ``IndexRefine`` supports neither ``add_with_ids`` nor ``remove_ids``, hence this pairing. Under a tight memory
+  budget the coarse index may stand alone (no suffix, approximate scores).
+Both parts remove by id, so ``remove`` works for every kind.
+
+File format (one file, written atomically: temp file in the same folder, fsync, ``os.replace``, fsync the folder):
+``b"FIDXV1\\n"`` + 8-byte little-endian header length + UTF-8 JSON header + payload, the payload being
+``faiss.serialize_index`` of the exact store then of the coarse index (byte lengths in the header's ``parts``).
+The header also holds the caller's ``meta``, the ``choice``, ``n``, ``dim`` and a sha256 over the other header
+fields (canonical JSON) and the payload, so damage anywhere past the magic is caught. No pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer.errors import IndexFileError
+from indexer.store.choose import EXACT_MAX_VECTORS, TARGET_RECALL, IndexChoice, choose_index, index_kind
+
+MAGIC = b"FIDXV1\n"
+FORMAT_VERSION = 1
+_LEN = struct.Struct("<Q")
+REFINE_SUFFIX = ",RFlat"
+# A header is a few hundred bytes of JSON; anything far larger means the length field itself is garbage.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Unit rows drift by float32 rounding only; a norm off by more means unnormalised input, for which inner products
+# are not cosines.
+NORM_TOLERANCE = 1e-3
+# Training points per IVF list: faiss warns below 39; k-means time grows with them and recall barely does.
+# 10 k-means iterations is faiss's IVF default.
+TRAIN_POINTS_PER_LIST = 40
+TRAIN_ITERATIONS = 10
+# Below faiss's BLAS threshold (20 queries) a search is a loop over queries; one thread does it best: a parallel
+# region for one query gains nothing and, on a loaded machine, waits a scheduler tick for its second thread
+# (measured: 8 ms instead of 0.01 ms for the PCA step of one query on 2 busy cores).
+SINGLE_THREAD_MAX_QUERIES = 19
+
+
+class VectorIndex:
+    """A thread-safe FAISS index over unit vectors with int64 ids, add/remove/search and atomic persistence."""
+
+    def __init__(self, choice: IndexChoice, dim: int, exact: faiss.Index | None, coarse: faiss.Index | None, *,
+                 exact_max_vectors: int = EXACT_MAX_VECTORS, target_recall: float = TARGET_RECALL) -> None:
+        if exact is None and coarse is None:
+            raise ValueError("a VectorIndex needs an exact store, a coarse index or both")
+        self.choice = choice
+        self.dim = dim
+        self._exact = exact      # IndexIDMap2(IndexFlatIP), or None for codes only
+        self._coarse = coarse    # trained PCA/IVF/SQ8 index with its own ids, or None for Flat
+        # Kept so should_rebuild asks choose_index the same question the index was built with.
+        self.exact_max_vectors = exact_max_vectors
+        self.target_recall = target_recall
+        # One lock for mutations and searches: the daemon searches while the pipeline adds, and a faiss index is
+        # not safe for a concurrent add and search (and both parts must change together).
+        self._lock = threading.Lock()
+
+    # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, dim: int = 512, choice: IndexChoice | None = None, *,
+              exact_max_vectors: int = EXACT_MAX_VECTORS, target_recall: float = TARGET_RECALL) -> VectorIndex:
+        """An empty index; only an untrained kind (Flat) can start empty, an IVF needs ``build``."""
+        choice = choice or choose_index(0, dim, exact_max_vectors=exact_max_vectors, target_recall=target_recall)
+        if choice.key != "Flat":
+            raise ValueError(f"{choice.key} must be trained on vectors: use VectorIndex.build")
+        return cls(choice, dim, _new_exact(dim), None, exact_max_vectors=exact_max_vectors,
+                   target_recall=target_recall)
+
+    @classmethod
+    def build(cls, ids: np.ndarray, vectors: np.ndarray, *, exact_max_vectors: int = EXACT_MAX_VECTORS,
+              target_recall: float = TARGET_RECALL, seed: int = 1234,
+              memory_budget_bytes: int | None = None) -> VectorIndex:
+        """Choose the kind for ``len(vectors)`` with ``choose_index``, train it when needed, and add everything."""
+        vectors = _as_vectors(vectors)
+        ids = _as_ids(ids, len(vectors))
+        dim = vectors.shape[1]
+        choice = choose_index(len(vectors), dim, exact_max_vectors=exact_max_vectors, target_recall=target_recall,
+                              memory_budget_bytes=memory_budget_bytes)
+        coarse = None
+        if choice.key != "Flat":
+            coarse = faiss.index_factory(dim, choice.key.removesuffix(REFINE_SUFFIX), faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.extract_index_ivf(coarse)
+            ivf.cp.seed, ivf.cp.niter = seed, TRAIN_ITERATIONS
+            # A seeded sample bounds training time (PCA, k-means, 8-bit ranges all train on it).
+            n_train = min(len(vectors), TRAIN_POINTS_PER_LIST * choice.nlist)
+            pick = np.sort(np.random.default_rng(seed).choice(len(vectors), n_train, replace=False))
+            coarse.train(vectors[pick])
+        exact = _new_exact(dim) if choice.key == "Flat" or choice.refine else None
+        out = cls(choice, dim, exact, coarse, exact_max_vectors=exact_max_vectors, target_recall=target_recall)
+        out.add(ids, vectors)
+        return out
+
+    # -- mutation and search -------------------------------------------------------------------------------------
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add unit ``vectors`` [n, dim] under new face ``ids`` [n] (ids already held are the caller's bug)."""
+        vectors = _as_vectors(vectors, self.dim)
+        ids = _as_ids(ids, len(vectors))
+        if len(ids) == 0:
+            return
+        with self._lock:
+            for part in self._parts():
+                part.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove these face ids; returns how many were held (unknown ids are ignored)."""
+        ids = np.unique(_as_ids(ids))
+        if len(ids) == 0:
+            return 0
+        selector = faiss.IDSelectorBatch(ids)
+        with self._lock:
+            # Every part holds the same ids, so they all report the same count.
+            return [int(part.remove_ids(selector)) for part in self._parts()][0]
+
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by cosine: (sims float32 [m, k], ids int64 [m, k]); padded with -inf / -1 past the held ones.
+
+        ``nprobe`` overrides the chosen one for this call (IVF kinds only; the benchmark sweeps it).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = _as_vectors(queries, self.dim)
+        if len(queries) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        few = len(queries) <= SINGLE_THREAD_MAX_QUERIES
+        with self._lock, (_omp_threads(1) if few else nullcontext()):
+            if self._coarse is None:
+                sims, ids = self._exact.search(queries, k)
+            else:
+                # Per-call parameters rather than index.nprobe: nothing shared changes, and nprobe (which faiss does
+                # not serialise) always comes from the choice.
+                params = _ivf_params(self._coarse, nprobe or self.choice.nprobe)
+                sims, ids = self._coarse.search(queries, k * max(self.choice.refine, 1), params=params)
+                if self._exact is not None:
+                    sims, ids = _rerank(self._exact, queries, ids, k)
+        # faiss pads inner-product results with -FLT_MAX; -inf says "no result" without looking like a similarity.
+        sims[ids < 0] = -np.inf
+        return sims.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+    def __len__(self) -> int:
+        return int(self._parts()[0].ntotal)
+
+    def ids(self) -> np.ndarray:
+        """All ids held, int64, in no particular order."""
+        with self._lock:
+            if self._exact is not None:
+                return faiss.vector_to_array(self._exact.id_map).astype(np.int64, copy=False)
+            invlists = faiss.extract_index_ivf(self._coarse).invlists
+            parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+                     for i in range(invlists.nlist) if invlists.list_size(i)]
+        return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """For ``status --json``: ``type`` (the key), ``vectors``, ``reason``; nlist/nprobe/refine are 0 if exact."""
+        c = self.choice
+        return {"type": c.key, "vectors": len(self), "reason": c.reason, "nlist": c.nlist, "nprobe": c.nprobe,
+                "refine": c.refine}
+
+    def should_rebuild(self, n: int) -> bool:
+        """Whether an index holding ``n`` vectors should be rebuilt from the store as another kind.
+
+        True when ``choose_index(n)`` picks another family (e.g. grown past the exact threshold, or shrunk below
+        it) or an IVF whose list count differs by 4x or more (lists 16x longer than intended slow every query).
+        """
+        wanted = choose_index(n, self.dim, exact_max_vectors=self.exact_max_vectors, target_recall=self.target_recall)
+        if index_kind(wanted.key) != index_kind(self.choice.key):
+            return True
+        if wanted.nlist and self.choice.nlist:
+            return max(wanted.nlist, self.choice.nlist) >= 4 * min(wanted.nlist, self.choice.nlist)
+        return False
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
+        """Write the index and ``meta`` (JSON-serialisable) to ``path`` atomically."""
+        path = Path(path)
+        with self._lock:
+            exact = faiss.serialize_index(self._exact) if self._exact is not None else _NO_BYTES
+            coarse = faiss.serialize_index(self._coarse) if self._coarse is not None else _NO_BYTES
+            n = len(self)
+        fields = {
+            "format": FORMAT_VERSION, "meta": meta or {}, "choice": asdict(self.choice), "n": n, "dim": self.dim,
+            "exact_max_vectors": self.exact_max_vectors, "target_recall": self.target_recall,
+            "parts": {"exact": len(exact), "coarse": len(coarse)},
+        }
+        header = json.dumps({**fields, "sha256": _digest(fields, exact, coarse)}, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC)
+                f.write(_LEN.pack(len(header)))
+                f.write(header)
+                f.write(memoryview(exact))
+                f.write(memoryview(coarse))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename is durable only once the folder entry is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[VectorIndex, dict[str, Any]]:
+        """Read a file written by ``save``; raises ``IndexFileError`` when it is missing or damaged in any way."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise IndexFileError(f"cannot read vector index {path}: {err.strerror or err}") from err
+        if data[:len(MAGIC)] != MAGIC:
+            raise IndexFileError(f"{path} is not a faceindex vector index (bad magic)")
+        start = len(MAGIC) + _LEN.size
+        if len(data) < start:
+            raise IndexFileError(f"{path} is truncated (no header length)")
+        (header_len,) = _LEN.unpack_from(data, len(MAGIC))
+        if header_len > MAX_HEADER_BYTES or start + header_len > len(data):
+            raise IndexFileError(f"{path} is truncated or damaged (header length {header_len})")
+        try:
+            header = json.loads(data[start:start + header_len])
+            digest = header.pop("sha256")
+            choice = IndexChoice(**header["choice"])
+            n, dim = int(header["n"]), int(header["dim"])
+            sizes = [int(header["parts"]["exact"]), int(header["parts"]["coarse"])]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise IndexFileError(f"{path} has a damaged header: {err}") from err
+        payload = np.frombuffer(data, np.uint8, offset=start + header_len)
+        if len(payload) != sum(sizes) or min(sizes) < 0:
+            raise IndexFileError(f"{path} is truncated or damaged: payload {len(payload)} bytes, expected {sum(sizes)}")
+        exact_bytes, coarse_bytes = payload[:sizes[0]], payload[sizes[0]:]
+        if _digest(header, exact_bytes, coarse_bytes) != digest:
+            raise IndexFileError(f"{path} is damaged: sha256 does not match")
+        try:
+            exact = faiss.deserialize_index(exact_bytes) if sizes[0] else None
+            coarse = faiss.deserialize_index(coarse_bytes) if sizes[1] else None
+        except RuntimeError as err:
+            raise IndexFileError(f"{path}: faiss cannot read the payload: {err}") from err
+        parts = [p for p in (exact, coarse) if p is not None]
+        if not parts or any(p.ntotal != n or p.d != dim for p in parts):
+            raise IndexFileError(f"{path}: payload does not hold the {n}x{dim} vectors its header says")
+        index = cls(choice, dim, exact, coarse, exact_max_vectors=header.get("exact_max_vectors", EXACT_MAX_VECTORS),
+                    target_recall=header.get("target_recall", TARGET_RECALL))
+        return index, header["meta"]
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _parts(self) -> list[faiss.Index]:
+        return [p for p in (self._exact, self._coarse) if p is not None]
+
+
+_NO_BYTES = np.zeros(0, np.uint8)
+
+
+def _new_exact(dim: int) -> faiss.Index:
+    # IDMap2 (not IDMap) keeps an id -> row map: remove_ids stays consistent and reconstruct works by id (re-ranking).
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _ivf_params(coarse: faiss.Index, nprobe: int) -> faiss.SearchParameters:
+    ivf_params = faiss.SearchParametersIVF(nprobe=nprobe)
+    if isinstance(coarse, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=ivf_params)
+    return ivf_params
+
+
+def _rerank(exact: faiss.Index, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine of each query with its candidates (-1 = none), best ``k`` first."""
+    valid = candidates >= 0
+    sims = np.full(candidates.shape, -np.inf, np.float32)
+    if valid.any():
+        rows = np.nonzero(valid)[0]
+        vectors = exact.reconstruct_batch(candidates[valid])
+        sims[valid] = np.einsum("ij,ij->i", vectors, queries[rows])
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(candidates, order, axis=1)
+    return np.take_along_axis(sims, order, axis=1), np.where(ids >= 0, ids, -1)
+
+
+@contextmanager
+def _omp_threads(n: int) -> Iterator[None]:
+    # The OpenMP thread count is per calling thread (libgomp): a build on another thread keeps its own.
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _digest(fields: dict[str, Any], *payload: np.ndarray) -> str:
+    """sha256 over the header fields (canonical JSON, so a damaged meta or n is caught too), then the payload."""
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    for part in payload:
+        h.update(memoryview(part))
+    return h.hexdigest()
+
+
+def _as_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim == 1 and dim is not None and vectors.shape[0] == dim:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2 or (dim is not None and vectors.shape[1] != dim):
+        raise ValueError(f"vectors must be [n, {dim or 'd'}], got shape {vectors.shape}")
+    if len(vectors):
+        norms = np.linalg.norm(vectors, axis=1)
+        if not np.all(np.abs(norms - 1) <= NORM_TOLERANCE):
+            raise ValueError("vectors must be L2-normalised rows (inner product is the cosine only for unit rows)")
+    return vectors
+
+
+def _as_ids(ids: np.ndarray, n: int | None = None) -> np.ndarray:
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if n is not None and len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for {n} vectors")
+    return ids
