@@ -195,6 +195,10 @@ def _status_text(s: dict) -> str:
         "daemon     " + (f"running (pid {d['pid']}), backlog {d['backlog']}, last event {d['last_event']}"
                           if d["running"] else "not running"),
     ]
+    for failure in s["failures"][:10]:
+        lines.append(f"failed     {failure['path']}: {failure['reason']}")
+    if s["files"]["failed"] > 10:
+        lines.append(f"           ... {s['files']['failed'] - 10} more failures (--json lists up to 50)")
     if c.get("metrics"):
         m = c["metrics"]
         lines.append(f"scores     silhouette {_fmt(m.get('silhouette'))}, "

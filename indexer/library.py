@@ -170,6 +170,7 @@ class FaceIndex:
             "clusters": clustering.summary() if clustering else {"method": None, "k": 0},
             "daemon": daemon_status(self.dir),
             "store_bytes": self.store.disk_bytes(),
+            "failures": counts["failures"],
         }
 
 

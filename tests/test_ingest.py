@@ -165,6 +165,8 @@ def test_bad_inputs_are_recorded_and_skipped(tmp_path, open_index):
     assert reasons["empty.png"].startswith("empty file")
     assert reasons["bomb.png"].startswith("too large")
     assert fi.store.get_file(str(photos / "sky.jpg")).status == "no_face"
+    listed = {Path(f["path"]).name: f["reason"] for f in fi.status()["failures"]}
+    assert listed == reasons
     # A file that vanishes between the scan and the read, and one that cannot be read.
     vanished = fi.ingestor().process([str(photos / "gone.jpg")])
     assert vanished.failures[0]["reason"].startswith("vanished")

@@ -344,14 +344,18 @@ class FaceStore:
         self.put_meta(txn, "log_floor", max(upto, self.get_meta("log_floor", 0, txn)))
 
     # ------------------------------------------------------------------ counts
-    def counts(self) -> dict[str, Any]:
+    def counts(self, max_failures: int = 50) -> dict[str, Any]:
+        """Files by status, faces, model, change sequence, and the first ``max_failures`` failed files."""
         with self.read() as txn:
             by_status = {"indexed": 0, "no_face": 0, "failed": 0}
+            failures = []
             for rec in self.iter_files(txn):
                 by_status[rec.status] = by_status.get(rec.status, 0) + 1
+                if rec.status == "failed" and len(failures) < max_failures:
+                    failures.append({"path": rec.path, "reason": rec.reason})
             faces = txn.stat(self.db["faces"])["entries"]
             return {"files": by_status, "faces": faces, "model": self.get_meta("model", None, txn),
-                    "seq": self.get_meta("seq", 0, txn)}
+                    "seq": self.get_meta("seq", 0, txn), "failures": failures}
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.index_dir.rglob("*") if p.is_file())
