@@ -18,6 +18,9 @@ import click
 from indexer.config import Settings, load_settings, with_overrides
 from indexer.errors import FaceIndexError
 
+# The same names as indexer.cluster.METHODS, repeated here so that `faceindex --help` need not import FAISS.
+CLUSTER_METHODS = ["adaptive", "agglomerative", "hdbscan", "threshold", "kmeans"]
+
 
 class FaceIndexGroup(click.Group):
     """Turns library errors raised anywhere below into one line on stderr and exit status 1."""
@@ -234,7 +237,7 @@ def parse_k(value: str | None) -> int | str | None:
 
 
 @main.command()
-@click.option("--method", type=click.Choice(["adaptive", "agglomerative", "hdbscan", "threshold", "kmeans"]),
+@click.option("--method", type=click.Choice(CLUSTER_METHODS),
               default=None, help="Clustering method (default: cluster.method in config).")
 @click.option("--k", "k", default=None, help="K-Means only: number of clusters, or 'auto' (silhouette).")
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
@@ -380,7 +383,7 @@ def people_merge(keep: int, other: int, settings: Settings, as_json: bool) -> No
 
 @main.command("eval")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--method", type=click.Choice(["adaptive", "agglomerative", "hdbscan", "threshold", "kmeans"]),
+@click.option("--method", type=click.Choice(CLUSTER_METHODS),
               default=None, help="Clustering method (default: cluster.method in config).")
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None, help="Cosine threshold (default: config).")
 @index_options

@@ -66,3 +66,10 @@ def test_missing_index_and_missing_file_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(main, ["query", "--index", str(tmp_path)])
     assert result.exit_code == 2 and "either IMAGE or --face-id" in result.output
+
+
+def test_cli_method_names_match_the_library():
+    from indexer.cli import CLUSTER_METHODS
+    from indexer.cluster import METHODS
+
+    assert sorted(CLUSTER_METHODS) == sorted(METHODS)
