@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import torch
 
-from benchmarks.lfw_data import lfw_images, require_data
+from benchmarks.lfw_data import Recorder, lfw_images, require_data
 
 
 def pick_images(root, n: int) -> list[str]:
@@ -62,8 +62,8 @@ def faceindex_ingest(paths: list[str], detector, embedder) -> dict:
     process = psutil.Process()
     real = ingest_mod.Ingestor.process_items
 
-    def measured(self, items, summary):
-        real(self, items, summary)
+    def measured(self, items, summary, **kwargs):
+        real(self, items, summary, **kwargs)
         rss.append((summary.indexed + summary.no_face + summary.failed, process.memory_info().rss / 2**20))
 
     ingest_mod.Ingestor.process_items = measured
@@ -86,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500, help="LFW photos (>= 500 for the recorded figure)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", default=None, help="also write <name>.json and <name>.txt into this folder")
     args = parser.parse_args()
     root = require_data()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -100,16 +101,20 @@ def main() -> None:
               "faceindex_ips": round(ours["ips"], 2), "ratio": round(ours["ips"] / seed_ips, 2),
               "seed_faces": seed_faces, "faceindex_faces": ours["faces"], "peak_rss_mb": ours["peak_rss_mb"],
               "rss_mb_by_progress": ours["rss_mb_by_progress"], "stage_seconds": ours["stages"]}
+    rec = Recorder(args.out, "bench_ingest")
+    rec.json(result)
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{len(paths)} LFW photos, {result['threads']} CPU threads")
-    print(f"  (a) seed loop (MTCNN per image, embed batch 1): {seed_ips:7.2f} images/s  ({seed_faces} faces)")
-    print(f"  (b) faceindex ingest:                          {ours['ips']:7.2f} images/s  ({ours['faces']} faces)")
-    print(f"  ratio b/a: {result['ratio']:.2f} (target >= 2.5)")
-    print(f"  resident memory during ingest by progress (MiB): {ours['rss_mb_by_progress']}; "
+    rec.print(f"{len(paths)} LFW photos, {result['threads']} CPU threads")
+    rec.print(f"  (a) seed loop (MTCNN per image, embed batch 1): {seed_ips:7.2f} images/s  ({seed_faces} faces)")
+    rec.print(f"  (b) faceindex ingest:                          {ours['ips']:7.2f} images/s  ({ours['faces']} faces)")
+    rec.print(f"  ratio b/a: {result['ratio']:.2f} (target >= 2.5)")
+    rec.print(f"  resident memory during ingest by progress (MiB): {ours['rss_mb_by_progress']}; "
           f"peak {ours['peak_rss_mb']} MiB")
-    print(f"  stage seconds: {ours['stages']}")
+    rec.print(f"  stage seconds: {ours['stages']}")
+
+    rec.close()
 
 
 if __name__ == "__main__":

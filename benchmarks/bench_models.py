@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.lfw_data import lfw_embeddings, lfw_images, require_data
+from benchmarks.lfw_data import Recorder, lfw_embeddings, lfw_images, require_data
 
 
 def read_pairs(path: str) -> list[tuple[str, str, bool]]:
@@ -116,6 +116,7 @@ def mtcnn_speed(detector, root, n: int = 96) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", default=None, help="also write <name>.json and <name>.txt into this folder")
     args = parser.parse_args()
     root = require_data()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -129,21 +130,25 @@ def main() -> None:
     result["embed_fps_by_variant"] = speeds
     result["embed_fps"] = {str(bs): max(v.values()) for bs, v in speeds.items()}
     result.update(mtcnn_speed(detector, root))
+    rec = Recorder(args.out, "bench_models")
+    rec.json(result)
     if args.json:
         print(json.dumps(result))
         return
-    print(f"model {result['model']} on {result['threads']} CPU threads")
-    print(f"LFW verification (View 1 pairsDevTrain, {result['pairs']} pairs, 10-fold, best threshold): "
+    rec.print(f"model {result['model']} on {result['threads']} CPU threads")
+    rec.print(f"LFW verification (View 1 pairsDevTrain, {result['pairs']} pairs, 10-fold, best threshold): "
           f"{result['lfw_verification_acc']:.4f} +- {result['lfw_verification_std']:.4f} "
           f"(threshold cosine {result['threshold_cosine']}; target >= 0.98; "
           f"{result['photos_without_detected_face']} photos without a detected face used a central box)")
-    print("embedder faces/s    eager   channels_last")
+    rec.print("embedder faces/s    eager   channels_last")
     for bs, v in speeds.items():
-        print(f"  batch {bs:<3}        {v['eager']:>6.1f}   {v['channels_last']:>6.1f}")
-    print(f"MTCNN on {result['mtcnn_images']} LFW images: {result['mtcnn_ips_single']:.2f} images/s one by one, "
+        rec.print(f"  batch {bs:<3}        {v['eager']:>6.1f}   {v['channels_last']:>6.1f}")
+    rec.print(f"MTCNN on {result['mtcnn_images']} LFW images: {result['mtcnn_ips_single']:.2f} images/s one by one, "
           f"{result['mtcnn_ips_batched']:.2f} batched by 16 "
           f"(ratio {result['mtcnn_ips_batched'] / result['mtcnn_ips_single']:.2f}; "
           f"same face count for {result['same_face_counts']}/{result['mtcnn_images']})")
+
+    rec.close()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.lfw_data import lfw_images, require_data
+from benchmarks.lfw_data import Recorder, lfw_images, require_data
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--trickle", type=int, default=20)
     parser.add_argument("--settle", type=float, default=1.0, help="watch.settle_s for this run")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", default=None, help="also write <name>.json and <name>.txt into this folder")
     args = parser.parse_args()
     root = require_data()
     paths, _ = lfw_images(root)
@@ -126,15 +127,19 @@ def main() -> None:
         "ingest_ips": round(len(burst) / ingest_s, 2), "watch_burst_ips": round(len(burst) / watch_s, 2),
         "burst_ratio": round(ingest_s / watch_s, 3), "peak_rss_mb": round(rss, 1),
     }
+    rec = Recorder(args.out, "bench_watch")
+    rec.json(result)
     if args.json:
         print(json.dumps(result))
         return
-    print(f"trickle of {len(trickle)} single files (settle_s {args.settle}): latency p50 "
+    rec.print(f"trickle of {len(trickle)} single files (settle_s {args.settle}): latency p50 "
           f"{result['latency_p50_s']:.2f} s, p95 {result['latency_p95_s']:.2f} s "
           f"(target p50 <= settle + 1 s = {args.settle + 1:.1f} s)")
-    print(f"burst of {len(burst)} files: daemon {result['watch_burst_ips']:.2f} images/s vs faceindex ingest "
+    rec.print(f"burst of {len(burst)} files: daemon {result['watch_burst_ips']:.2f} images/s vs faceindex ingest "
           f"{result['ingest_ips']:.2f} images/s: ratio {result['burst_ratio']:.2f} (target >= 0.9)")
-    print(f"daemon peak RSS {result['peak_rss_mb']:.0f} MiB")
+    rec.print(f"daemon peak RSS {result['peak_rss_mb']:.0f} MiB")
+
+    rec.close()
 
 
 if __name__ == "__main__":

@@ -115,3 +115,31 @@ if __name__ == "__main__":
     data = lfw_embeddings()
     print(f"{len(data['paths'])} photos, {int(data['found'].sum())} with a detected face, "
           f"{len(set(data['people'].tolist()))} people")
+
+
+class Recorder:
+    """``--out DIR``: the benchmark's JSON goes to DIR/<name>.json and its printed table to DIR/<name>.txt."""
+
+    def __init__(self, out: str | None, name: str) -> None:
+        self.dir = Path(out) if out else None
+        self.name = name
+        self.lines: list[str] = []
+
+    def json(self, result: dict) -> None:
+        import json
+
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / f"{self.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    def print(self, line: str = "") -> None:
+        print(line)
+        self.lines.append(line)
+
+    def close(self) -> None:
+        if self.dir is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            load = os.getloadavg()[0]
+            (self.dir / f"{self.name}.txt").write_text(
+                f"# {self.name}, {stamp}, {os.cpu_count()} CPUs, 1-minute load average {load:.1f} at the end\n"
+                + "\n".join(self.lines) + "\n")

@@ -142,12 +142,18 @@ def _tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "lock.mdb"}
 
 
-def test_report_from_the_index(copy_index, tmp_path):
+def test_report_from_the_index_keeps_hostile_names_inert(copy_index, tmp_path):
+    hostile = tmp_path / "<script>alert(1)</script>.jpg"
+    shutil.copy(SAMPLES / "photos" / "obama" / "obama_small.jpg", hostile)
+    cli("ingest", "--index", str(copy_index), str(hostile))
     cli("cluster", "--index", str(copy_index))
+    cli("people", "name", "--index", str(copy_index), "0", "<b>x</b>")
     result = cli_json("report", "--index", str(copy_index), "--out", str(tmp_path / "report"))
-    assert result["faces"] == 16 and result["thumbnails"] == 16
+    assert result["faces"] == 17 and result["thumbnails"] == 17
     html = (tmp_path / "report" / "index.html").read_text()
-    assert html.count('class="face"') == 16
+    assert html.count('class="face"') == 17
+    assert "<script>alert" not in html and "<b>x</b>" not in html
+    assert "&lt;b&gt;x&lt;/b&gt;" in html
 
 
 def test_empty_and_tiny_indexes_give_clear_messages(tmp_path, copy_index):
@@ -197,6 +203,30 @@ def test_compute_refuses_an_empty_snapshot():
 
     with pytest.raises(ClusteringError, match="no faces"):
         compute(np.zeros(0, np.int64), np.zeros((0, 512), np.float32), ClusterSettings())
+
+
+@pytest.mark.lfw
+def test_report_of_an_lfw_index(lfw_index, tmp_path):
+    from PIL import Image
+
+    index, _, _ = lfw_index
+    work = tmp_path / "ix"
+    shutil.copytree(index, work)
+    cli("cluster", "--index", str(work))
+    out = tmp_path / "report"
+    result = cli_json("report", "--index", str(work), "--out", str(out))
+    faces = cli_json("status", "--index", str(work))["faces"]
+    assert result["faces"] == faces == result["thumbnails"]
+    for name in ("cluster_sizes.png", "tsne.png", "pca.png"):
+        with Image.open(out / name) as img:
+            img.load()
+            assert img.size[0] > 300 and img.size[1] > 200
+    html = (out / "index.html").read_text()
+    import re
+
+    thumbs = re.findall(r'<img[^>]*class="face"[^>]*src="([^"]+)"|<img[^>]*src="([^"]+)"[^>]*class="face"', html)
+    srcs = [a or b for a, b in thumbs]
+    assert len(srcs) == faces and all((out / s).is_file() for s in srcs)
 
 
 @pytest.mark.lfw

@@ -30,6 +30,25 @@ from indexer.store.sync import SyncedIndex
 
 log = logging.getLogger("faceindex.ingest")
 
+
+def _load_malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim, or a no-op elsewhere.
+
+    MTCNN allocates tensors of many sizes; glibc keeps the freed memory in fragmented arenas, and resident memory
+    crept up by ~0.6 GB over 640 LFW photos without a leak. Trimming after each batch kept it flat (1150 -> 1185 MiB
+    over the same run), so a daemon running for months does not grow.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0) and None
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+release_memory = _load_malloc_trim()
+
 # Assigns new faces to cluster centers: vectors [n, 512] -> (cluster ids [n], similarities [n]).
 Assigner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -222,6 +241,7 @@ class Ingestor:
         started = time.perf_counter()
         self.index.catch_up()
         self.index.save()
+        release_memory()
         self.timer.add("index", started)
         n_faces = sum(len(fi.faces) for fi in face_items)
         log.info("batch files=%d faces=%d failed=%d latency=%.3fs", len(items), n_faces,
