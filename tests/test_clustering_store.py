@@ -143,7 +143,9 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 
 def test_report_from_the_index_keeps_hostile_names_inert(copy_index, tmp_path):
-    hostile = tmp_path / "<script>alert(1)</script>.jpg"
+    # A folder "<script>alert(1)<" holding "script>.jpg": the photo's path reads <script>alert(1)</script>.jpg.
+    (tmp_path / "<script>alert(1)<").mkdir()
+    hostile = tmp_path / "<script>alert(1)<" / "script>.jpg"
     shutil.copy(SAMPLES / "photos" / "obama" / "obama_small.jpg", hostile)
     cli("ingest", "--index", str(copy_index), str(hostile))
     cli("cluster", "--index", str(copy_index))
