@@ -73,11 +73,10 @@ class FaceIndex:
     @cached_property
     def embedder(self) -> FaceEmbedder:
         stored = self.store.get_meta("model")
-        embedder = FaceEmbedder(self.settings.embedder, prefer=stored.split(":")[0] if stored else None)
-        self._check_model(embedder)
-        return embedder
+        return FaceEmbedder(self.settings.embedder, prefer=stored.split(":")[0] if stored else None)
 
     def _check_model(self, embedder: FaceEmbedder) -> None:
+        """Refuse to embed for an index built with other weights (checked where vectors are made or compared)."""
         stored = self.store.get_meta("model")
         if stored and embedder.fingerprint != stored:
             raise IndexMismatchError(

@@ -94,6 +94,7 @@ class Watcher:
         self.summary = IngestSummary()
         self.last_event: str | None = None
         self._status_at = 0.0
+        self._vanished: list[str] = []   # stored paths missing at catch-up, dropped once the queue is indexed
         self._job: ReclusterJob | None = None
         self._recluster_checked = 0.0
 
@@ -183,7 +184,7 @@ class Watcher:
             self._drop_vanished()
 
     def _drop_vanished(self) -> None:
-        gone = [p for p in getattr(self, "_vanished", []) if not os.path.exists(p)]
+        gone = [p for p in self._vanished if not os.path.exists(p)]
         self._vanished = []
         if gone:
             self._remove(gone)
@@ -250,7 +251,7 @@ class Watcher:
 
     def _maybe_process(self) -> None:
         if not self.ready:
-            if not self.pending and getattr(self, "_vanished", None):
+            if not self.pending and self._vanished:
                 self._drop_vanished()
             return
         size = self.settings.watch.batch_size
