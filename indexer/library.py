@@ -51,6 +51,11 @@ class FaceIndex:
             if edit and not writer and not (self.dir / "store.lmdb" / "data.mdb").exists():
                 raise NotFoundError(f"no index at {self.dir}; run `faceindex ingest PATH --index {self.dir}`")
             self.store = FaceStore(self.dir, readonly=not (writer or edit))
+            if writer:
+                # A writer killed while saving a snapshot leaves its temp file; only a writer saves, and we hold
+                # the lock, so any temp file here is such a leftover.
+                for leftover in self.dir.glob(".vectors.faiss.*.tmp"):
+                    leftover.unlink(missing_ok=True)
         except BaseException:
             self.close()
             raise

@@ -307,3 +307,10 @@ def test_sigint_commits_the_current_batch_and_exits_130(shared_data, tmp_path):
     assert 16 <= len(partial) - 1 < 80
     cli("ingest", "--index", str(index), str(folder))
     assert len(consistency(index)) - 1 == 80
+
+
+def test_writer_removes_snapshot_temp_files_left_by_a_crash(copy_index, open_index):
+    leftover = copy_index / ".vectors.faiss.abc123.tmp"
+    leftover.write_bytes(b"half a snapshot")
+    open_index(copy_index)
+    assert not leftover.exists() and (copy_index / "vectors.faiss").exists()
