@@ -41,6 +41,7 @@ class Computed:
     params: dict[str, Any]
     face_ids: np.ndarray
     labels: np.ndarray            # per face, row of ``centers`` or -1
+    similarity: np.ndarray        # per face, cosine to its center (nan when unassigned)
     centers: np.ndarray
     metrics: dict[str, Any]
     k_table: list[dict] = field(default_factory=list)
@@ -89,8 +90,11 @@ def compute(ids: np.ndarray, x: np.ndarray, settings: ClusterSettings, method: s
     # Renumber labels to rows of ``centers`` (centers_from_labels returns the label values it saw, sorted).
     row_of = {int(label): i for i, label in enumerate(rows.tolist())}
     labels = np.array([row_of.get(int(label), -1) for label in labels], dtype=np.int64)
+    sims = np.full(n, np.nan, np.float32)
+    assigned = labels >= 0
+    sims[assigned] = np.einsum("ij,ij->i", x[assigned], centers[labels[assigned]])
     metrics = internal_scores(x, labels, seed=settings.seed)
-    return Computed(method, params, ids, labels, centers, metrics, table, time.perf_counter() - started)
+    return Computed(method, params, ids, labels, sims, centers, metrics, table, time.perf_counter() - started)
 
 
 def apply(store: FaceStore, computed: Computed, settings: ClusterSettings) -> Clustering:
@@ -104,13 +108,10 @@ def apply(store: FaceStore, computed: Computed, settings: ClusterSettings) -> Cl
             new_ids = np.arange(len(computed.centers), dtype=np.int64)
             mapping = [f"new cluster {i} gets id {i} (first clustering)" for i in range(len(new_ids))]
         names = {int(i): previous.names[int(i)] for i in new_ids if previous and int(i) in previous.names}
-        sims = np.full(len(computed.face_ids), np.nan, np.float32)
         assigned = computed.labels >= 0
-        if len(computed.centers):
-            sims[assigned] = np.einsum("ij,ij->i", _vectors(store, txn, computed.face_ids[assigned]),
-                                       computed.centers[computed.labels[assigned]])
         cluster_of = np.where(assigned, new_ids[np.maximum(computed.labels, 0)] if len(new_ids) else -1, -1)
-        for face_id, cluster, sim in zip(computed.face_ids.tolist(), cluster_of.tolist(), sims.tolist(), strict=True):
+        for face_id, cluster, sim in zip(computed.face_ids.tolist(), cluster_of.tolist(),
+                                         computed.similarity.tolist(), strict=True):
             store.set_face_cluster(txn, face_id, cluster, sim)
         # Faces committed after the snapshot (the daemon kept ingesting): assign them to the new centers.
         known = set(computed.face_ids.tolist())

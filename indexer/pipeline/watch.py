@@ -269,7 +269,12 @@ class Watcher:
         store = self.fi.store
 
         def drop(txn) -> int:
-            return sum(1 for p in paths if store.get_file(p, txn) is not None and store.remove_file(txn, p) >= 0)
+            removed = 0
+            for path in paths:
+                if store.get_file(path, txn) is not None:
+                    store.remove_file(txn, path)
+                    removed += 1
+            return removed
 
         removed = store.transact(drop)
         if removed:

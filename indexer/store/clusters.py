@@ -80,18 +80,6 @@ def save_clustering(store: FaceStore, txn, clustering: Clustering) -> None:
     })
 
 
-def nearest_center(vectors: np.ndarray, ids: np.ndarray, centers: np.ndarray,
-                   min_similarity: float) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster id and cosine of each vector's nearest center; -1 where the best cosine is below the threshold."""
-    if len(ids) == 0 or len(vectors) == 0:
-        return np.full(len(vectors), -1, np.int64), np.full(len(vectors), np.nan, np.float32)
-    sims = vectors @ centers.T
-    best = sims.argmax(axis=1)
-    best_sim = sims[np.arange(len(vectors)), best].astype(np.float32)
-    labels = np.where(best_sim >= min_similarity, ids[best], -1).astype(np.int64)
-    return labels, best_sim
-
-
 def live_assigner(store: FaceStore, settings: ClusterSettings):
     """A function assigning new vectors to the stored centers (all -1 while no clustering exists).
 
@@ -99,6 +87,8 @@ def live_assigner(store: FaceStore, settings: ClusterSettings):
     process), checked by a version number: one small read per batch.
     """
     cache: dict[str, Any] = {"version": None, "ids": np.zeros(0, np.int64), "centers": np.zeros((0, 512), np.float32)}
+
+    from indexer.cluster import assign_to_centers
 
     def assign(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with store.read() as txn:
@@ -108,6 +98,6 @@ def live_assigner(store: FaceStore, settings: ClusterSettings):
                 cache["version"] = version
                 if clustering is not None:
                     cache["ids"], cache["centers"] = clustering.ids, clustering.centers
-        return nearest_center(vectors, cache["ids"], cache["centers"], settings.assign_min_similarity)
+        return assign_to_centers(vectors, cache["centers"], settings.assign_min_similarity, ids=cache["ids"])
 
     return assign
