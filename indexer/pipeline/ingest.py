@@ -111,6 +111,25 @@ def scan(paths: Iterable[str | Path], extensions: tuple[str, ...], ignore: tuple
                 yield full
 
 
+def trap_stop_signals(stop: threading.Event) -> Callable[[], None]:
+    """Ctrl-C / SIGTERM set ``stop`` (the current batch is committed, then the run ends cleanly).
+
+    Returns the function that puts the previous handlers back. Off the main thread signals cannot be trapped,
+    and nothing is changed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: stop.set())
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
 class Ingestor:
     """Owns the stages for one index; ``run`` does a whole ingest, ``process`` one batch of paths."""
 
@@ -152,7 +171,7 @@ class Ingestor:
         summary = IngestSummary(files=len(candidates), unchanged=unchanged)
         batch_size = max(self.settings.detector.batch_size, 1)
         bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="ingest")
-        restore = self._trap_signals()
+        restore = trap_stop_signals(self.stop)
         try:
             for batch in self._read_ahead(todo, batch_size, ingest.decode_workers, ingest.queue_size):
                 self.process_items(batch, summary)
@@ -168,19 +187,6 @@ class Ingestor:
         summary.seconds = time.perf_counter() - started
         summary.stages = self.timer.summary()
         return summary
-
-    def _trap_signals(self) -> Callable[[], None]:
-        """Ctrl-C / SIGTERM set the stop flag: the current batch is committed, then the run ends cleanly."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):  # noqa: ARG001
-            self.stop.set()
-
-        for s in previous:
-            signal.signal(s, handler)
-        return lambda: [signal.signal(s, h) for s, h in previous.items()] and None
 
     def _read_ahead(self, paths: list[str], batch_size: int, workers: int, depth: int) -> Iterator[list[ReadItem]]:
         """Read and decode in a thread pool, at most ``depth`` files ahead of the models (bounded memory)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from indexer.library import FaceIndex, write_daemon_status
-from indexer.pipeline.ingest import IngestSummary, ignored, scan
+from indexer.pipeline.ingest import IngestSummary, ignored, scan, trap_stop_signals
 
 log = logging.getLogger("faceindex.watch")
 POLL_S = 0.05
@@ -104,7 +103,7 @@ class Watcher:
         ingestor = self.fi.ingestor()
         ingestor.stop = self.stop
         self.ingestor = ingestor
-        restore = self._trap_signals()
+        restore = trap_stop_signals(self.stop)
         observer = None
         try:
             if not self.once:
@@ -137,19 +136,6 @@ class Watcher:
         self.summary.seconds = time.perf_counter() - started
         self.summary.stages = ingestor.timer.summary()
         return self.summary
-
-    def _trap_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in previous:
-            signal.signal(s, lambda signum, frame: self.stop.set())
-
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        return restore
 
     def _warm_up(self) -> None:
         """One tiny forward pass through both models, so the first photo of a trickle is not also paying for
