@@ -7,6 +7,10 @@ rejected: MTCNN's scale pyramid follows the padded size, so a padded image got o
 the same image alone. Grouping keeps batched results identical to one-by-one detection. Boxes and landmarks are
 mapped back to the original image's pixels.
 
+On CPU, detection runs ``mtcnn_fast.detect_faces``: facenet-pytorch's networks and three-stage algorithm with its
+two CPU hot spots (max pooling, the per-box crop loop) replaced by bit-identical batched equivalents; it finds the
+same faces as ``MTCNN.detect`` ~1.5x faster on LFW (see that module). On CUDA it runs ``MTCNN.detect`` unchanged.
+
 ``crop`` cuts a face from the decoded image at full resolution, with facenet-pytorch's margin, and applies the
 fixed standardisation (x - 127.5) / 128 that both embedders were trained with.
 """
@@ -23,6 +27,7 @@ from PIL import Image
 
 from indexer.config import DetectorSettings
 from indexer.images import DecodedImage
+from indexer.models.mtcnn_fast import detect_faces, fast_pools
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class FaceDetector:
             min_face_size=self.settings.min_face_size, thresholds=list(self.settings.thresholds),
             keep_all=True, select_largest=False, post_process=True, device=self.device,
         ).eval()
+        if self.device.type == "cpu":  # cuDNN pools fast; the CPU kernel is what fast_pools replaces
+            fast_pools(self.mtcnn)
 
     def detect(self, images: list[DecodedImage] | list[Image.Image]) -> list[list[DetectedFace]]:
         """All faces of each image, most probable first; boxes in original-image coordinates."""
@@ -73,11 +80,18 @@ class FaceDetector:
         results: list[list[DetectedFace]] = [[] for _ in pil]
         for batch in plan_batches([c[0].shape[:2] for c in copies], self.settings.batch_size):
             stacked = np.stack([copies[i][0] for i in batch])
-            boxes, probs, points = self.mtcnn.detect(stacked, landmarks=True)
-            for j, i in enumerate(batch):
-                factor = copies[i][1] * to_orig[i]
-                results[i] = self._faces(boxes[j], probs[j], points[j], factor)
+            for i, (boxes, probs, points) in zip(batch, self._detect(stacked), strict=True):
+                results[i] = self._faces(boxes, probs, points, copies[i][1] * to_orig[i])
         return results
+
+    def _detect(self, stacked: np.ndarray) -> list[tuple]:
+        """(boxes [n, 4], probs [n], landmarks [n, 5, 2]) per image of a same-shape uint8 batch [B, H, W, 3]."""
+        m = self.mtcnn
+        if self.device.type == "cpu":
+            found = detect_faces(stacked, m.pnet, m.rnet, m.onet, m.min_face_size, m.thresholds, m.factor)
+            return [(boxes[:, :4], boxes[:, 4], points) for boxes, points in found]
+        boxes, probs, points = m.detect(stacked, landmarks=True)
+        return list(zip(boxes, probs, points, strict=True))
 
     def _faces(self, boxes, probs, points, factor: float) -> list[DetectedFace]:
         if boxes is None:

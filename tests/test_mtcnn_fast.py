@@ -1,0 +1,102 @@
+"""The CPU detector's replacements for facenet-pytorch's hot spots give facenet-pytorch's numbers.
+
+Pooling and cropping are bit-identical; whole detection finds the same faces with equal boxes, probabilities and
+landmarks to float32 rounding (RNet/ONet batches are padded, and a kernel may round the last bit differently).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from facenet_pytorch import MTCNN
+from PIL import Image
+from torch import nn
+
+from indexer.models.mtcnn_fast import CeilMaxPool2d, SummedAreaTables, area_crops, detect_faces, fast_pools
+from tests.conftest import SAMPLES
+
+
+@pytest.mark.parametrize("kernel", [2, 3])
+@pytest.mark.parametrize("size", [(7, 7), (8, 9), (150, 149), (3, 4), (3, 3)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_ceil_max_pool_is_bit_identical_and_keeps_the_layout(kernel, size, layout):
+    x = torch.randn(3, 10, *size, generator=torch.Generator().manual_seed(7)).contiguous(memory_format=layout)
+    with torch.inference_mode():
+        want = nn.MaxPool2d(kernel, 2, ceil_mode=True)(x)
+        got = CeilMaxPool2d(kernel, 2)(x)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
+    assert got.stride() == want.stride()  # the next convolution rounds differently on another layout
+
+
+def test_fast_pools_swaps_only_what_it_can_reproduce():
+    model = nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), nn.MaxPool2d(3, 2),
+                          nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)), nn.MaxPool2d(3, 2, 1, ceil_mode=True))
+    assert fast_pools(model) == 2
+    assert [type(m).__name__ for m in (model[0], model[1], model[2][0], model[3])] == \
+        ["CeilMaxPool2d", "MaxPool2d", "CeilMaxPool2d", "MaxPool2d"]
+
+
+@pytest.mark.parametrize("size", [24, 48])
+def test_area_crops_equal_one_interpolate_per_box(size):
+    rng = np.random.default_rng(3)
+    photos = torch.as_tensor(rng.integers(0, 256, (3, 120, 90, 3), dtype=np.uint8)).permute(0, 3, 1, 2).float()
+    n = 400
+    inds = rng.integers(0, 3, n)
+    y0, x0 = rng.integers(0, 119, n), rng.integers(0, 89, n)
+    # From 1-pixel boxes (upsampled) to boxes larger than the output, clipped at the borders.
+    y1 = np.minimum(y0 + rng.integers(1, 110, n), 120)
+    x1 = np.minimum(x0 + rng.integers(1, 90, n), 90)
+    got = area_crops(SummedAreaTables(photos), inds, y0, y1, x0, x1, size)
+    for k in range(n):
+        one = F.interpolate(photos[inds[k], :, y0[k]:y1[k], x0[k]:x1[k]].unsqueeze(0), size=(size, size), mode="area")
+        assert torch.equal(got[k:k + 1], one), k
+
+
+def _photos(paths, shape=None) -> list[np.ndarray]:
+    images = [Image.open(p).convert("RGB") for p in paths]
+    return [np.asarray(im.resize(shape) if shape else im) for im in images]
+
+
+def _compare(batches: list[np.ndarray]) -> int:
+    """Run both detectors on each same-shape batch; assert the same faces; return how many."""
+    reference = MTCNN(keep_all=True, select_largest=False).eval()
+    fast = MTCNN(keep_all=True, select_largest=False).eval()
+    assert fast_pools(fast) == 6
+    faces = 0
+    for batch in batches:
+        boxes, probs, points = reference.detect(batch, landmarks=True)
+        found = detect_faces(batch, fast.pnet, fast.rnet, fast.onet, fast.min_face_size, fast.thresholds,
+                             fast.factor)
+        for (got_boxes, got_points), want_boxes, want_probs, want_points in zip(found, boxes, probs, points,
+                                                                              strict=True):
+            if want_boxes is None:
+                assert len(got_boxes) == 0
+                continue
+            assert got_boxes.shape == (len(want_boxes), 5)
+            np.testing.assert_allclose(got_boxes[:, :4], np.asarray(want_boxes, np.float32), rtol=0, atol=1e-3)
+            np.testing.assert_allclose(got_boxes[:, 4], np.asarray(want_probs, np.float32), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(got_points, np.asarray(want_points, np.float32), rtol=0, atol=1e-3)
+            faces += len(got_boxes)
+    return faces
+
+
+def test_detect_faces_equals_facenet_pytorch_on_the_bundled_photos():
+    paths = sorted((SAMPLES / "photos").rglob("*.jp*g")) + sorted((SAMPLES / "group").glob("*.jpg"))
+    # One batch of every photo at one shape (as the detector groups them), and each group photo at its own size.
+    batches = [np.stack(_photos(paths, (400, 300)))] + [a[None] for a in _photos(sorted((SAMPLES / "group").glob("*")))]
+    assert _compare(batches) >= len(paths)
+
+
+@pytest.mark.lfw
+def test_detect_faces_equals_facenet_pytorch_on_lfw_and_multi_face_photos(shared_data):
+    from benchmarks.lfw_data import lfw_images
+
+    paths, _ = lfw_images(shared_data)
+    lfw = np.stack(_photos(paths[::97][:96]))
+    batches = [lfw[i:i + 16] for i in range(0, len(lfw), 16)]
+    multi = sorted((shared_data / "multi_face" / "face_recognition").glob("*"))
+    batches += [a[None] for a in _photos(multi) if max(a.shape) <= 1280]
+    assert _compare(batches) >= len(lfw)
