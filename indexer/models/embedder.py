@@ -3,9 +3,16 @@
 Eval mode, inference mode, batched, on ``cuda`` when available. Output: float32 [N, 512], rows L2-normalised, so
 the inner product is the cosine similarity. On CPU the network runs in channels_last memory format, which
 benchmarks/bench_models.py measured faster than the default layout (see benchmarks/results/).
+
+Precision is chosen by ``choose_precision`` (a pure function with its reason): bfloat16 autocast where the hardware
+computes it natively (AVX512-BF16/AMX CPUs, CUDA), float32 elsewhere. On this repository's AVX512-BF16 CPU,
+bfloat16 embeds about twice as many faces per second at cosine >= 0.9999 to float32, and LFW verification
+accuracy is unchanged (benchmarks/results/bench_models.txt). Vectors are always stored as float32.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -15,12 +22,38 @@ from indexer.config import EmbedderSettings
 from indexer.models import weights as weights_mod
 
 EMBEDDING_DIM = 512
+log = logging.getLogger("faceindex.embedder")
 
 
 def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (not by emulation, which is slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_precision(requested: str, device_type: str, has_native_bf16: bool) -> tuple[str, str]:
+    """The embedder's compute precision and why: a pure function of the setting and the hardware."""
+    if requested != "auto":
+        return requested, "set by embedder.precision"
+    if device_type == "cuda":
+        # Tensor cores run half precision many times faster than float32; bfloat16 keeps float32's range.
+        if has_native_bf16:
+            return "bfloat16", "CUDA with bfloat16 support: autocast to bfloat16"
+        return "float16", "CUDA without bfloat16: autocast to float16"
+    if has_native_bf16:
+        # Measured here (bench_models): ~2x faces/s, cosine to float32 >= 0.9999, LFW accuracy unchanged.
+        return "bfloat16", "CPU computes bfloat16 natively (AVX512-BF16/AMX): autocast to bfloat16"
+    return "float32", "CPU has no native bfloat16 (emulation would be slower): float32"
 
 
 class FaceEmbedder:
@@ -39,6 +72,10 @@ class FaceEmbedder:
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.precision, self.precision_reason = choose_precision(
+            self.settings.precision, self.device.type, native_bf16(self.device))
+        self._autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision)
+        log.info("embedder on %s, %s: %s", self.device, self.precision, self.precision_reason)
 
     @property
     def fingerprint(self) -> str:
@@ -52,7 +89,8 @@ class FaceEmbedder:
             faces = torch.stack(faces)
         out = []
         bs = self.settings.batch_size
-        with torch.inference_mode():
+        autocast = self._autocast_dtype is not None
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=autocast):
             for i in range(0, len(faces), bs):
                 x = faces[i:i + bs].to(self.device, non_blocking=True)
                 if self.channels_last:

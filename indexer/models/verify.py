@@ -40,7 +40,9 @@ def opencv_embeddings(crops: np.ndarray) -> np.ndarray:
 def verify_conversion() -> dict:
     crops = bundled_crops()
     resolved = weights_mod.import_casia()
-    embedder = FaceEmbedder(EmbedderSettings(weights="casia-webface", device="cpu"), resolved=resolved)
+    # float32: this compares the conversion itself with OpenCV, not the precision ingest runs at.
+    settings = EmbedderSettings(weights="casia-webface", device="cpu", precision="float32")
+    embedder = FaceEmbedder(settings, resolved=resolved)
     ours = embedder.embed(torch.from_numpy(crops))
     theirs = opencv_embeddings(crops)
     cosines = (ours * theirs).sum(axis=1)
