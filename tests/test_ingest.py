@@ -314,3 +314,21 @@ def test_writer_removes_snapshot_temp_files_left_by_a_crash(copy_index, open_ind
     leftover.write_bytes(b"half a snapshot")
     open_index(copy_index)
     assert not leftover.exists() and (copy_index / "vectors.faiss").exists()
+
+
+@pytest.mark.parametrize("rss_mb,trims_after", [
+    # The first call measures the level (100); trims only above level + slack (50), then the level is re-measured.
+    ([100, 120, 149, 150, 151, 90, 130, 141], [0, 0, 0, 0, 1, 1, 1, 2]),
+    ([300, 200, 100, 349, 351, 80], [0, 0, 0, 0, 1, 1]),
+])
+def test_memory_trimmer_trims_only_when_memory_creeps_above_its_level(rss_mb, trims_after):
+    from indexer.pipeline.ingest import MemoryTrimmer
+
+    calls = iter(rss_mb)
+    trimmed = []
+    trimmer = MemoryTrimmer(slack=50, trim=lambda: trimmed.append(1), rss=lambda: next(calls))
+    seen = []
+    for _ in rss_mb:
+        trimmer()
+        seen.append(len(trimmed))
+    assert seen == trims_after
