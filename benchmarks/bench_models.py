@@ -4,9 +4,11 @@ Run: ``python -m benchmarks.bench_models [--json]`` (LFW from $FACEINDEX_DATA or
 
 - Verification: 10-fold accuracy with the best threshold of the 9 other folds, on LFW View 1's
   ``pairsDevTrain.txt`` (1100 same + 1100 different pairs), each photo embedded by the face nearest its centre.
-- Embedder: faces/s at batch 1, 16, 64 for plain eager (NCHW) and channels_last, side by side in this run;
-  ``embed_fps`` reports the faster of the two for each batch size.
-- MTCNN: images/s on LFW photos one by one vs. in batches of 16 (same-shape batching).
+- Embedder: faces/s at batch 1, 16, 64 for plain eager (NCHW), channels_last, and channels_last with bfloat16
+  autocast, side by side in this run; ``embed_fps`` reports the fastest for each batch size. Verification uses the
+  embedder's chosen precision (printed).
+- MTCNN: images/s on LFW photos one by one vs. in batches of 16 (same-shape batching), and facenet-pytorch's own
+  ``MTCNN.detect`` on the same batches (what faceindex's CPU detector replaces).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def verification(root) -> dict:
 
 
 def embed_speed(embedder, batch_sizes=(1, 16, 64), faces: int = 128) -> dict:
-    """faces/s of the embedder per batch size: eager NCHW vs channels_last, measured alternately in this run."""
+    """faces/s of the embedder per batch size: eager NCHW vs channels_last (float32 and bfloat16 autocast),
+    measured alternately in this run."""
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.uniform(-1, 1, (faces, 3, 160, 160)).astype(np.float32))
     model = embedder.model
@@ -78,17 +81,17 @@ def embed_speed(embedder, batch_sizes=(1, 16, 64), faces: int = 128) -> dict:
         for bs in batch_sizes:
             n = min(faces, max(bs * 2, 16))
             rates = {}
-            for variant in ("eager", "channels_last"):
-                m = model.to(memory_format=torch.channels_last if variant == "channels_last"
-                             else torch.contiguous_format)
-                batch = x[:bs].contiguous(memory_format=torch.channels_last if variant == "channels_last"
-                                          else torch.contiguous_format)
-                m(batch)  # warm-up
-                started = time.perf_counter()
-                done = 0
-                while done < n:
-                    m(batch)
-                    done += bs
+            for variant in ("eager", "channels_last", "channels_last_bf16"):
+                layout = torch.contiguous_format if variant == "eager" else torch.channels_last
+                m = model.to(memory_format=layout)
+                batch = x[:bs].contiguous(memory_format=layout)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.endswith("bf16")):
+                    m(batch)  # warm-up
+                    started = time.perf_counter()
+                    done = 0
+                    while done < n:
+                        m(batch)
+                        done += bs
                 rates[variant] = done / (time.perf_counter() - started)
             out[bs] = {k: round(v, 1) for k, v in rates.items()}
     model.to(memory_format=torch.channels_last if embedder.channels_last else torch.contiguous_format)
@@ -108,8 +111,17 @@ def mtcnn_speed(detector, root, n: int = 96) -> dict:
     batched = [f for i in range(0, len(images), 16) for f in detector.detect(images[i:i + 16])]
     t_batched = time.perf_counter() - started
     same = sum(len(a) == len(b) for a, b in zip(single, batched, strict=True))
+    from facenet_pytorch import MTCNN
+
+    reference = MTCNN(keep_all=True, select_largest=False).eval()
+    arrays = [np.asarray(im.image) for im in images]
+    started = time.perf_counter()
+    for i in range(0, len(arrays), 16):
+        reference.detect(np.stack(arrays[i:i + 16]))
+    t_reference = time.perf_counter() - started
     return {"mtcnn_ips_single": round(len(images) / t_single, 2),
-            "mtcnn_ips_batched": round(len(images) / t_batched, 2), "mtcnn_images": len(images),
+            "mtcnn_ips_batched": round(len(images) / t_batched, 2),
+            "facenet_mtcnn_ips_batched": round(len(images) / t_reference, 2), "mtcnn_images": len(images),
             "same_face_counts": same}
 
 
@@ -125,7 +137,8 @@ def main() -> None:
 
     embedder = FaceEmbedder()
     detector = FaceDetector()
-    result = {"model": embedder.fingerprint, "threads": torch.get_num_threads(), **verification(root)}
+    result = {"model": embedder.fingerprint, "precision": embedder.precision, "threads": torch.get_num_threads(),
+              **verification(root)}
     speeds = embed_speed(embedder)
     result["embed_fps_by_variant"] = speeds
     result["embed_fps"] = {str(bs): max(v.values()) for bs, v in speeds.items()}
@@ -135,18 +148,20 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    rec.print(f"model {result['model']} on {result['threads']} CPU threads")
+    rec.print(f"model {result['model']} ({result['precision']}) on {result['threads']} CPU threads")
     rec.print(f"LFW verification (View 1 pairsDevTrain, {result['pairs']} pairs, 10-fold, best threshold): "
           f"{result['lfw_verification_acc']:.4f} +- {result['lfw_verification_std']:.4f} "
           f"(threshold cosine {result['threshold_cosine']}; target >= 0.98; "
           f"{result['photos_without_detected_face']} photos without a detected face used a central box)")
-    rec.print("embedder faces/s    eager   channels_last")
+    rec.print("embedder faces/s    eager   channels_last   channels_last + bfloat16")
     for bs, v in speeds.items():
-        rec.print(f"  batch {bs:<3}        {v['eager']:>6.1f}   {v['channels_last']:>6.1f}")
+        rec.print(f"  batch {bs:<3}        {v['eager']:>6.1f}   {v['channels_last']:>13.1f}   "
+                  f"{v['channels_last_bf16']:>24.1f}")
     rec.print(f"MTCNN on {result['mtcnn_images']} LFW images: {result['mtcnn_ips_single']:.2f} images/s one by one, "
           f"{result['mtcnn_ips_batched']:.2f} batched by 16 "
           f"(ratio {result['mtcnn_ips_batched'] / result['mtcnn_ips_single']:.2f}; "
-          f"same face count for {result['same_face_counts']}/{result['mtcnn_images']})")
+          f"same face count for {result['same_face_counts']}/{result['mtcnn_images']}); "
+          f"facenet-pytorch's MTCNN.detect batched by 16: {result['facenet_mtcnn_ips_batched']:.2f}")
 
     rec.close()
 

@@ -81,7 +81,8 @@ def embed_centre_faces(paths: list[str], detector, embedder, batch: int = 64, pr
 
 
 def lfw_embeddings(root: Path | None = None) -> dict[str, np.ndarray]:
-    """Embeddings of all of lfw-devtrain with the default models, computed once and cached by model fingerprint.
+    """Embeddings of all of lfw-devtrain with the default models, computed once and cached by model fingerprint
+    and embedder precision.
 
     Keys: ``paths``, ``people``, ``vectors`` [N, 512] float32 unit rows, ``found`` (MTCNN found a face).
     """
@@ -95,7 +96,8 @@ def lfw_embeddings(root: Path | None = None) -> dict[str, np.ndarray]:
     root = root or require_data()
     torch.set_num_threads(os.cpu_count() or 1)
     embedder = FaceEmbedder()
-    target = cache_dir() / "bench" / f"lfw-devtrain-{embedder.fingerprint.replace(':', '-')}.npz"
+    name = f"lfw-devtrain-{embedder.fingerprint.replace(':', '-')}-{embedder.precision}.npz"
+    target = cache_dir() / "bench" / name
     if target.is_file():
         with np.load(target, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
