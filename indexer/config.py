@@ -56,8 +56,8 @@ class IndexSettings:
 class ClusterSettings:
     method: str = "adaptive"         # adaptive | agglomerative | hdbscan | threshold | kmeans
     k: int = 0                       # kmeans only; 0 means auto (silhouette over a range)
-    threshold: float = 0.53          # cosine similarity for the linkage / graph methods
-    pair_margin: float = 0.06        # adaptive: a merge of a- and b-face clusters needs threshold + margin/sqrt(ab)
+    threshold: float = 0.55          # cosine similarity for the linkage / graph methods
+    pair_margin: float = 0.03        # adaptive: a merge of a- and b-face clusters needs threshold + margin/sqrt(ab)
     min_cluster_size: int = 2        # hdbscan
     assign_min_similarity: float = 0.45  # live assignment: below this a face stays unassigned (-1)
     recluster_growth: float = 0.25   # daemon reclusters when the index grew by this fraction...

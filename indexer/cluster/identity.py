@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 METHODS = ("adaptive", "agglomerative", "hdbscan", "threshold", "kmeans")
 # Tuned on LFW View 1 (dev-train, LFW's tuning set); the sweeps are in benchmarks/results/bench_cluster.txt.
-DEFAULT_THRESHOLD = {"adaptive": 0.53, "agglomerative": 0.55, "threshold": 0.70}
-DEFAULT_PAIR_MARGIN = 0.06
+DEFAULT_THRESHOLD = {"adaptive": 0.55, "agglomerative": 0.55, "threshold": 0.70}
+DEFAULT_PAIR_MARGIN = 0.03
 # A component of m faces needs an m x m float64 condensed distance matrix for exact linkage: 15k faces ~ 0.9 GB.
 EXACT_LINKAGE_MAX = 15_000
 # HDBSCAN here runs on a full N x N distance matrix (8 bytes per pair): 15k faces ~ 1.8 GB.
