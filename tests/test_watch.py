@@ -228,3 +228,34 @@ def test_kill_9_during_a_burst_loses_and_duplicates_nothing(shared_data, tmp_pat
             assert all(view[p] >= 1 for p in on_disk)
         finally:
             d.kill()
+
+
+def test_read_ahead_rereads_a_file_that_changed_after_it_was_read(tmp_path):
+    import os
+
+    from indexer.pipeline.stages import ReadAhead, ReadItem
+
+    reads: list[str] = []
+
+    def reader(path: str) -> ReadItem:
+        st = os.stat(path)
+        reads.append(path)
+        return ReadItem(path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+    a, b, c = (tmp_path / n for n in ("a.jpg", "b.jpg", "c.jpg"))
+    for f in (a, b, c):
+        f.write_bytes(b"x")
+    ahead = ReadAhead(reader, workers=2)
+    try:
+        ahead.ahead([str(a), str(b)])
+        first = ahead.take([str(a)])  # b stays read ahead
+        assert [i.path for i in first] == [str(a)]
+        b.write_bytes(b"longer")  # changed after it was read ahead: must be read again
+        second = ahead.take([str(b), str(c)])
+        assert [i.size for i in second] == [6, 1]
+        assert reads.count(str(b)) == 2 and reads.count(str(a)) == 1
+        ahead.ahead([str(c)])
+        ahead.ahead([])  # reads nobody wants any more are dropped
+        assert ahead.futures == {}
+    finally:
+        ahead.close()

@@ -245,7 +245,7 @@ class Ingestor:
 
     # ------------------------------------------------------------------ one batch
     def process(self, paths: list[str], summary: IngestSummary | None = None) -> IngestSummary:
-        """Read, embed and commit one batch of paths (the daemon's unit of work)."""
+        """Read (in a pool), embed and commit one batch of paths."""
         summary = summary or IngestSummary()
         summary.files += len(paths)
         with ThreadPoolExecutor(max_workers=self.settings.ingest.decode_workers) as pool:

@@ -11,6 +11,8 @@ import io
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,6 +117,49 @@ class Reader:
         except ImageError as exc:
             item.error = str(exc)
         return item
+
+
+class ReadAhead:
+    """The daemon's read stage: files are read in a thread pool while the models work on the previous batch.
+
+    ``take`` returns the reads of a batch (reading what was not asked for ahead); ``ahead`` starts reading the
+    next batch's files and forgets reads of any others (bounded memory). A read is used only while the file's
+    size and mtime are still the ones read; otherwise it is read again.
+    """
+
+    def __init__(self, reader: Callable[[str], ReadItem], workers: int) -> None:
+        self.reader = reader
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="read")
+        self.futures: dict[str, Future[ReadItem]] = {}
+
+    def take(self, paths: list[str]) -> list[ReadItem]:
+        for path in paths:
+            if path not in self.futures:
+                self.futures[path] = self.pool.submit(self.reader, path)
+        items = []
+        for path in paths:
+            item = self.futures.pop(path).result()
+            try:
+                st = os.stat(path)
+                fresh = (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
+            except OSError:
+                fresh = False
+            items.append(item if fresh else self.reader(path))
+        return items
+
+    def ahead(self, paths: list[str]) -> None:
+        wanted = set(paths)
+        for path in [p for p in self.futures if p not in wanted]:
+            self.futures.pop(path).cancel()
+        for path in paths:
+            if path not in self.futures:
+                self.futures[path] = self.pool.submit(self.reader, path)
+
+    def close(self) -> None:
+        for future in self.futures.values():
+            future.cancel()
+        self.futures.clear()
+        self.pool.shutdown(wait=True)
 
 
 class FaceStage:
