@@ -332,3 +332,17 @@ def test_memory_trimmer_trims_only_when_memory_creeps_above_its_level(rss_mb, tr
         trimmer()
         seen.append(len(trimmed))
     assert seen == trims_after
+
+
+def test_images_smaller_than_the_minimum_face_are_no_face_not_a_crash(tmp_path, open_index):
+    """An icon or thumbnail below detector.min_face_size (MTCNN has no scale for it) is recorded as no_face."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(OBAMA, photos / "a.jpg")
+    Image.open(OBAMA).resize((15, 12)).save(photos / "icon.png")
+    Image.new("RGB", (1, 1)).save(photos / "pixel.png")
+    fi = open_index(tmp_path / "ix")
+    summary = fi.ingest([photos], progress=False)
+    assert (summary.indexed, summary.no_face, summary.failed, summary.faces) == (1, 2, 0, 1)
+    assert fi.store.get_file(str(photos / "icon.png")).status == "no_face"
+    fi.close()

@@ -78,7 +78,12 @@ class FaceDetector:
         to_orig = [im.scale if isinstance(im, DecodedImage) else 1.0 for im in images]
         copies = [detection_copy(img, self.settings.max_side) for img in pil]
         results: list[list[DetectedFace]] = [[] for _ in pil]
-        for batch in plan_batches([c[0].shape[:2] for c in copies], self.settings.batch_size):
+        # MTCNN's pyramid starts at the minimum face size: a smaller image has no scale to look at (and facenet-pytorch
+        # fails on it), so it has no face.
+        big_enough = [i for i, c in enumerate(copies) if min(c[0].shape[:2]) >= self.settings.min_face_size]
+        shapes = [copies[i][0].shape[:2] for i in big_enough]
+        for group in plan_batches(shapes, self.settings.batch_size):
+            batch = [big_enough[j] for j in group]
             stacked = np.stack([copies[i][0] for i in batch])
             for i, (boxes, probs, points) in zip(batch, self._detect(stacked), strict=True):
                 results[i] = self._faces(boxes, probs, points, copies[i][1] * to_orig[i])

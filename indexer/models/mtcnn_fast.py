@@ -178,6 +178,9 @@ def detect_faces(imgs: np.ndarray, pnet: nn.Module, rnet: nn.Module, onet: nn.Mo
         scales.append(scale)
         scale, minl = scale * factor, minl * factor
 
+    if not scales:  # smaller than the minimum face size: nothing to look at
+        return [(np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)) for _ in range(batch_size)]
+
     # Stage 1: PNet over the scale pyramid, NMS per scale and image, then per image.
     boxes_all, inds_all, picks, offset = [], [], [], 0
     for scale in scales:
