@@ -156,9 +156,6 @@ class FaceIndex:
                 results.append({**{k_: rec[k_] for k_ in ("box", "prob") if k_ in rec}, "matches": matches[:k]})
         return results
 
-    def _index_info(self, index) -> dict[str, Any]:
-        return _index_info_for(index, self.settings.index)
-
     def status(self) -> dict[str, Any]:
         counts = self.store.counts()
         index = self.vectors
@@ -170,7 +167,8 @@ class FaceIndex:
             "files": counts["files"],
             "faces": counts["faces"],
             "model": counts["model"],
-            "index": {**self._index_info(index.index), "snapshot_seq": index.saved_seq, "store_seq": counts["seq"]},
+            "index": {**_index_info_for(index.index, self.settings.index), "snapshot_seq": index.saved_seq,
+                      "store_seq": counts["seq"]},
             "clusters": clustering.summary() if clustering else {"method": None, "k": 0},
             "daemon": daemon_status(self.dir),
             "store_bytes": self.store.disk_bytes(),

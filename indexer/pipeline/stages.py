@@ -132,10 +132,13 @@ class ReadAhead:
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="read")
         self.futures: dict[str, Future[ReadItem]] = {}
 
-    def take(self, paths: list[str]) -> list[ReadItem]:
+    def _start(self, paths: list[str]) -> None:
         for path in paths:
             if path not in self.futures:
                 self.futures[path] = self.pool.submit(self.reader, path)
+
+    def take(self, paths: list[str]) -> list[ReadItem]:
+        self._start(paths)
         items = []
         for path in paths:
             item = self.futures.pop(path).result()
@@ -151,9 +154,7 @@ class ReadAhead:
         wanted = set(paths)
         for path in [p for p in self.futures if p not in wanted]:
             self.futures.pop(path).cancel()
-        for path in paths:
-            if path not in self.futures:
-                self.futures[path] = self.pool.submit(self.reader, path)
+        self._start(paths)
 
     def close(self) -> None:
         for future in self.futures.values():
