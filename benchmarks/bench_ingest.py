@@ -14,7 +14,6 @@ the ingest: it must stay flat as the number of images grows (the pipeline stream
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -103,9 +102,7 @@ def main() -> None:
               "seed_faces": seed_faces, "faceindex_faces": ours["faces"], "peak_rss_mb": ours["peak_rss_mb"],
               "rss_mb_by_progress": ours["rss_mb_by_progress"], "stage_seconds": ours["stages"]}
     rec = Recorder(args.out, "bench_ingest")
-    rec.json(result)
-    if args.json:
-        print(json.dumps(result))
+    if rec.json(result, args.json):
         return
     rec.print(f"{len(paths)} LFW photos, {result['threads']} CPU threads")
     rec.print(f"  (a) seed loop (MTCNN per image, embed batch 1): {seed_ips:7.2f} images/s  ({seed_faces} faces)")

@@ -14,7 +14,6 @@ Run: ``python -m benchmarks.bench_models [--json]`` (LFW from $FACEINDEX_DATA or
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -144,9 +143,7 @@ def main() -> None:
     result["embed_fps"] = {str(bs): max(v.values()) for bs, v in speeds.items()}
     result.update(mtcnn_speed(detector, root))
     rec = Recorder(args.out, "bench_models")
-    rec.json(result)
-    if args.json:
-        print(json.dumps(result))
+    if rec.json(result, args.json):
         return
     rec.print(f"model {result['model']} ({result['precision']}) on {result['threads']} CPU threads")
     rec.print(f"LFW verification (View 1 pairsDevTrain, {result['pairs']} pairs, 10-fold, best threshold): "

@@ -128,9 +128,7 @@ def main() -> None:
         "burst_ratio": round(ingest_s / watch_s, 3), "peak_rss_mb": round(rss, 1),
     }
     rec = Recorder(args.out, "bench_watch")
-    rec.json(result)
-    if args.json:
-        print(json.dumps(result))
+    if rec.json(result, args.json):
         return
     rec.print(f"trickle of {len(trickle)} single files (settle_s {args.settle}): latency p50 "
           f"{result['latency_p50_s']:.2f} s, p95 {result['latency_p95_s']:.2f} s "

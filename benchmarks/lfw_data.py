@@ -127,12 +127,16 @@ class Recorder:
         self.name = name
         self.lines: list[str] = []
 
-    def json(self, result: dict) -> None:
+    def json(self, result: dict, to_stdout: bool = False) -> bool:
+        """Record ``result``; with ``to_stdout`` (``--json``) also print it and return True: the run ends there."""
         import json
 
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / f"{self.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        if to_stdout:
+            print(json.dumps(result))
+        return to_stdout
 
     def print(self, line: str = "") -> None:
         print(line)
