@@ -22,13 +22,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from indexer.errors import WeightsError
+from indexer.fsutil import atomic_write, atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,11 @@ def save_state(state: dict[str, np.ndarray], path: Path, meta: dict) -> str:
     """Write ``path`` (.npz) and ``path.json`` atomically; return the tensors' sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = tensors_sha256(state)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
-        np.savez(tmp, **state)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-    sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps({**meta, "sha256": digest}, indent=2))
+    with atomic_writer(path) as fh:
+        np.savez(fh, **state)
+    # The sidecar is written after the arrays: a crash between the two leaves a sidecar that does not match (the
+    # old one, or none), which verify_cached reports as corrupt, so the next import converts again.
+    atomic_write(path.with_suffix(".json"), json.dumps({**meta, "sha256": digest}, indent=2))
     return digest
 
 
@@ -300,12 +298,9 @@ def _download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None
     dest.parent.mkdir(parents=True, exist_ok=True)
     with requests.get(url, stream=True, timeout=timeout) as resp:
         resp.raise_for_status()
-        with tempfile.NamedTemporaryFile(dir=dest.parent, suffix=".part", delete=False) as tmp:
+        with atomic_writer(dest) as fh:
             for chunk in resp.iter_content(1 << 20):
-                tmp.write(chunk)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-    os.replace(tmp.name, dest)
+                fh.write(chunk)
 
 
 def facenet_pytorch_checkpoint(name: str, download: bool = True) -> ResolvedWeights:

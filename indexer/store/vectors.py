@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -36,6 +34,7 @@ import faiss
 import numpy as np
 
 from indexer.errors import IndexFileError
+from indexer.fsutil import atomic_writer
 from indexer.store.choose import EXACT_MAX_VECTORS, TARGET_RECALL, IndexChoice, choose_index, index_kind
 
 MAGIC = b"FIDXV1\n"
@@ -203,26 +202,13 @@ class VectorIndex:
             "parts": {"exact": len(exact), "coarse": len(coarse)},
         }
         header = json.dumps({**fields, "sha256": _digest(fields, exact, coarse)}, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC)
-                f.write(_LEN.pack(len(header)))
-                f.write(header)
-                f.write(memoryview(exact))
-                f.write(memoryview(coarse))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        # The rename is durable only once the folder entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # The temp file is ``.<name>.*.tmp`` beside ``path``: the library deletes such leftovers of a crash on open.
+        with atomic_writer(path) as f:
+            f.write(MAGIC)
+            f.write(_LEN.pack(len(header)))
+            f.write(header)
+            f.write(memoryview(exact))
+            f.write(memoryview(coarse))
 
     @classmethod
     def load(cls, path: str | Path) -> tuple[VectorIndex, dict[str, Any]]:
