@@ -317,3 +317,20 @@ def test_gallery_renders_in_headless_chromium(sample_set, tmp_path):
     dom = dump_dom(page)
     assert dom.count('class="face"') == len(faces)
     assert "Unassigned faces" in dom
+
+
+def test_gallery_template_ships_and_escapes_every_value():
+    """Without models: the Jinja2 template is package data and every kind of value in it is escaped."""
+    from importlib.resources import files
+
+    from indexer.report.gallery import ClusterSection, render_html
+
+    assert files("indexer.report").joinpath("templates/gallery.html").is_file()
+    face = ReportFace(7, f"/photos/{QUOTE_NAME}", (0, 0, 1, 1), 0, 0.5, b"")
+    page = render_html(title=HOSTILE_PERSON, sections=[ClusterSection(0, HOSTILE_PERSON, 1, 0.5, [face])],
+                       thumbs={7: 'thumbs/"><script>.jpg'}, metrics={"silhouette": "<script>"},
+                       plots={"<script>": '"><script>.png'}, skipped={"<x>": "<script>"}, n_faces=1, projection={})
+    assert "<script" not in page and "<b>x</b>" not in page and 'onerror="alert' not in page
+    assert page.count("&lt;b&gt;x&lt;/b&gt;") == 4  # <title>, <h1>, the nav chip, the section <h2>
+    assert "&quot;&gt;&lt;script&gt;.png" in page and "a&quot; onerror=&quot;alert(1).jpg" in page
+    assert page.startswith("<!DOCTYPE html>\n") and page.endswith("</body>\n</html>\n")

@@ -2,37 +2,27 @@
 
 The page must open from file:// on a machine without network, so nothing is fetched from a CDN and nothing runs:
 a Content-Security-Policy forbids scripts and remote loads outright, as a second line behind escaping every file
-name, path and person name with ``html.escape`` (users name persons, and photos can be named anything).
+name, path and person name (users name persons, and photos can be named anything). The markup is the Jinja2
+template ``templates/gallery.html``, rendered with autoescape on, so no value reaches the page unescaped; this module
+only works out what to show.
 """
 
 from __future__ import annotations
 
-import html
 import math
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import numpy as np
 
 UNASSIGNED = -1
 THUMBS_DIR = "thumbs"
 _THUMB_NAME = re.compile(r"^\d+\.jpg$")
 
-CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f6f7f9;color:#222}
-header,section{margin:16px auto;max-width:1200px;padding:12px 20px;background:#fff;border-radius:8px;
- box-shadow:0 1px 3px rgba(0,0,0,.08)}
-h1{font-size:22px;margin:4px 0 8px}h2{font-size:17px;margin:2px 0 6px}
-table.summary td{padding:2px 14px 2px 0}.muted{color:#666}.note{color:#8a5a00}
-.plots{display:flex;flex-wrap:wrap;gap:10px;margin-top:10px}
-.plots img{height:300px;width:auto;max-width:100%;border:1px solid #ddd}
-nav .chip{display:inline-block;margin:0 14px 2px 0;white-space:nowrap}
-.grid{display:flex;flex-wrap:wrap;gap:6px}
-.grid figure{margin:0;width:96px;font-size:11px;text-align:center;color:#555}
-img.face{width:96px;height:96px;object-fit:cover;border-radius:4px;display:block;background:#ddd}
-section.unassigned{background:#fbfbf4}
-"""
 # No scripts, nothing from the network: images only from this folder and the photos (file:).
 CSP = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'"
 
@@ -54,11 +44,6 @@ class ClusterSection:
     size: int
     cohesion: float  # mean similarity to the center over all members (nan for the unassigned)
     shown: list[ReportFace]
-
-
-def esc(value: object) -> str:
-    """Text or attribute value made inert; quotes too, since every attribute is double-quoted."""
-    return html.escape(str(value), quote=True)
 
 
 def select_shown(members: list[ReportFace], cap: int) -> list[ReportFace]:
@@ -140,7 +125,7 @@ def render_html(*, title: str, sections: list[ClusterSection], thumbs: dict[int,
     n_clusters = sum(1 for s in sections if s.cluster != UNASSIGNED)
     n_unassigned = sum(s.size for s in sections if s.cluster == UNASSIGNED)
     n_shown = sum(len(s.shown) for s in sections)
-    rows = [
+    summary = [
         ("faces", f"{n_faces:,}"),
         ("clusters", f"{n_clusters:,}"),
         ("unassigned faces", f"{n_unassigned:,}"),
@@ -150,70 +135,46 @@ def render_html(*, title: str, sections: list[ClusterSection], thumbs: dict[int,
         ("Calinski-Harabasz", _score(metrics.get("calinski_harabasz"), 1)),
         ("projection sample", f"{projection.get('sample', 0):,} of {projection.get('of', n_faces):,} faces"),
     ]
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title>",
-        f"<style>{CSS}</style>",
-        "</head>",
-        "<body>",
-        '<header id="summary">',
-        f"<h1>{esc(title)}</h1>",
-        '<table class="summary">',
-        *(f"<tr><td>{esc(k)}</td><td><b>{esc(v)}</b></td></tr>" for k, v in rows),
-        "</table>",
-        '<div class="plots">',
-        *(f'<a href="{esc(rel)}"><img class="plot" src="{esc(rel)}" alt="{esc(name)} plot"></a>'
-          for name, rel in plots.items()),
-        "</div>",
-        *(f'<p class="note">{esc(name)}: skipped ({esc(why)})</p>' for name, why in skipped.items()),
-        _nav(sections),
-        "</header>",
-    ]
-    for section in sections:
-        out.extend(_section(section, thumbs))
-    out.extend(["</body>", "</html>", ""])
-    return "\n".join(out)
+    page = _template().render(title=title, csp=CSP, summary=summary, plots=plots, skipped=skipped,
+                              sections=[_section_view(s, thumbs) for s in sections])
+    # markupsafe writes quotes as &#34; / &#39;, html.escape (which built this page before) as &quot; / &#x27;.
+    # The same characters to a browser; kept as they were so pages stay byte-identical across the change. Safe to
+    # rewrite blindly: an "&" in any value is itself escaped to "&amp;", so these sequences only come from escaping.
+    return page.replace("&#34;", "&quot;").replace("&#39;", "&#x27;")
 
 
-def _nav(sections: list[ClusterSection]) -> str:
-    links = "\n".join(f'<span class="chip"><a href="#{_anchor(s.cluster)}">{esc(s.title)}</a> '
-                      f'<span class="muted">({s.size:,})</span></span>' for s in sections)
-    return f"<nav><p>{links}</p></nav>" if links else '<p class="muted">No faces.</p>'
+@cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("indexer.report", "templates"),
+        autoescape=True,  # every value is user data (file names, person names): escaped unless proven otherwise
+        undefined=jinja2.StrictUndefined,  # a misspelt field fails loudly instead of rendering empty
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    return env.get_template("gallery.html")
 
 
 def _anchor(cluster: int) -> str:
     return "unassigned" if cluster == UNASSIGNED else f"cluster-{int(cluster)}"
 
 
-def _section(section: ClusterSection, thumbs: dict[int, str]) -> list[str]:
-    cls = ' class="unassigned"' if section.cluster == UNASSIGNED else ""
+def _section_view(section: ClusterSection, thumbs: dict[int, str]) -> dict[str, Any]:
+    """What the template shows of one section: plain text only, the template escapes all of it."""
     facts = [f"{section.size:,} faces"]
     if math.isfinite(section.cohesion):
         facts.append(f"cohesion {section.cohesion:.3f}")
     if len(section.shown) < section.size:
         how = "first by face id" if section.cluster == UNASSIGNED else "a spread of similarities to the center"
         facts.append(f"showing {len(section.shown):,} of {section.size:,} ({how})")
-    out = [f'<section id="{_anchor(section.cluster)}"{cls}>',
-           f"<h2>{esc(section.title)}</h2>",
-           f'<p class="muted">{esc(" · ".join(facts))}</p>',
-           '<div class="grid">']
-    for face in section.shown:
-        name = Path(face.path).name
-        caption = f"{face.similarity:.2f}" if math.isfinite(face.similarity) else f"id {face.face_id}"
-        tip = f"face {face.face_id} · {face.path}"
-        img = (f'<img class="face" src="{esc(thumbs[face.face_id])}" alt="{esc(name)}" loading="lazy">'
-               if face.face_id in thumbs else '<span class="face-missing">no thumbnail</span>')
-        uri = photo_uri(face.path)
-        if uri:
-            img = f'<a href="{esc(uri)}" title="{esc(tip)}">{img}</a>'
-        out.append(f'<figure title="{esc(tip)}">{img}<figcaption>{esc(caption)}</figcaption></figure>')
-    out.extend(["</div>", "</section>"])
-    return out
+    faces = [{
+        "name": Path(face.path).name,
+        "tip": f"face {face.face_id} · {face.path}",
+        "caption": f"{face.similarity:.2f}" if math.isfinite(face.similarity) else f"id {face.face_id}",
+        "thumb": thumbs[face.face_id] if face.face_id in thumbs else None,
+        "uri": photo_uri(face.path),
+    } for face in section.shown]
+    return {"anchor": _anchor(section.cluster), "unassigned": section.cluster == UNASSIGNED, "title": section.title,
+            "size": f"{section.size:,}", "facts": " · ".join(facts), "faces": faces}
 
 
 def _score(value: object, digits: int = 3) -> str:
