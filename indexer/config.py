@@ -6,7 +6,6 @@ The built-in defaults below are the source of truth; the repository's ``config.t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -179,7 +178,3 @@ def with_overrides(settings: Settings, section: str, **values: Any) -> Settings:
         return settings
     sub = replace(getattr(settings, section), **values)
     return validate(replace(settings, **{section: sub}))
-
-
-def as_dict(settings: Settings) -> dict[str, Any]:
-    return dataclasses.asdict(settings)

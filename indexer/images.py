@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -94,7 +93,3 @@ def decode(source: str | os.PathLike[str] | BinaryIO, max_pixels: int, min_side_
     orig = (height, width) if orientation in _ROTATED else (width, height)
     scale = orig[0] / rgb.size[0] if rgb.size[0] else 1.0
     return DecodedImage(path=path, image=rgb, orig_size=orig, scale=scale)
-
-
-def is_image_path(path: str | Path, extensions: tuple[str, ...]) -> bool:
-    return Path(path).suffix.lower() in extensions

@@ -27,10 +27,6 @@ class KMeansResult:
     similarity: np.ndarray   # float32 [N], cosine to the assigned center
     inertia: float           # sum over ALL points of the squared L2 distance to the assigned (unit) center
 
-    @property
-    def k(self) -> int:
-        return int(self.centers.shape[0])
-
 
 def as_unit_matrix(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
     """``x`` as a C-contiguous float32 [N, d] array with unit rows (FAISS needs exactly that layout)."""
