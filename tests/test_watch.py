@@ -96,30 +96,43 @@ def expect(index: Path, expected: dict[str, int], what: str) -> None:
 
 
 def test_daemon_follows_a_living_folder(daemon, shared_data, tmp_path):
+    from indexer.library import daemon_status
+
     folder, index = daemon.folder, daemon.index
+    # 1. one file written slowly, in chunks: never indexed half-written. A daemon holding files for 60 s watches
+    # the writes (with the 1 s settle a stalled test process let the daemon settle a half-written file).
+    hold_config = tmp_path / "hold.toml"
+    hold_config.write_text("[watch]\nsettle_s = 60\nmax_wait_ms = 200\nbatch_size = 16\n")
+    holder = Daemon(folder, index, hold_config).start()
+    try:
+        data = (SAMPLES / "group" / "obama_and_biden.jpg").read_bytes()
+        slow = folder / "slow.jpg"
+        with open(slow, "wb") as fh:
+            for i in range(0, len(data), len(data) // 8):
+                fh.write(data[i:i + len(data) // 8])
+                fh.flush()
+                if i == 0:  # the daemon has seen the half-written file and holds it
+                    wait_for(lambda: daemon_status(index)["backlog"] == 1, what="slow file pending")
+                time.sleep(0.1)
+                assert str(slow) not in store_view(index), "a half-written file was indexed"
+        assert holder.stop()[0] == 0
+    finally:
+        holder.kill()
+    # Complete now: the daemon with the test's settle time indexes all of it.
     daemon.start()
-    # 1. a burst of 50 LFW photos
+    wait_for(lambda: store_view(index).get(str(slow)) == 3, what="slow file indexed with its 3 faces")
+
+    # 2. a burst of 50 LFW photos
     lfw, _ = lfw_folder(shared_data, tmp_path / "src", people=25, per_person=2)
     burst = folder / "burst"
     shutil.copytree(lfw, burst)
-    wait_for(lambda: len(store_view(index)) == 50, what="50 burst photos indexed")
+    wait_for(lambda: len(store_view(index)) == 51, what="50 burst photos indexed")
     view = store_view(index)
     assert all(n >= 1 for n in view.values()), "every LFW photo has a face"
     # A query from another process while the daemon runs.
     some = sorted(burst.rglob("*.jpg"))[0]
     hits = cli_json("query", "--index", str(index), "-k", "1", str(some))
     assert any(h["matches"][0]["path"] == str(some) for h in hits)
-
-    # 2. one file written slowly, in chunks: never indexed half-written
-    data = (SAMPLES / "group" / "obama_and_biden.jpg").read_bytes()
-    slow = folder / "slow.jpg"
-    with open(slow, "wb") as fh:
-        for i in range(0, len(data), len(data) // 8):
-            fh.write(data[i:i + len(data) // 8])
-            fh.flush()
-            time.sleep(SETTLE_S / 10)  # far below the settle time, even on a loaded machine
-            assert str(slow) not in store_view(index), "a half-written file was indexed"
-    wait_for(lambda: store_view(index).get(str(slow)) == 3, what="slow file indexed with its 3 faces")
 
     # 3. rename a folder: faces keep their ids, paths follow
     store = FaceStore(index, readonly=True)
