@@ -171,22 +171,40 @@ def detect_faces(imgs: np.ndarray, pnet: nn.Module, rnet: nn.Module, onet: nn.Mo
     dtype = next(pnet.parameters()).dtype
     images = torch.from_numpy(np.array(imgs, dtype=np.uint8)).permute(0, 3, 1, 2).type(dtype)  # a copy, as theirs
     batch_size, (h, w) = len(images), images.shape[2:4]
+    scales = _pyramid_scales(h, w, minsize, factor)
+    if not scales:  # smaller than the minimum face size: nothing to look at
+        return [(np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)) for _ in range(batch_size)]
+
+    boxes, image_inds = _pnet_stage(images, pnet, scales, thresholds[0])
+    tables = SummedAreaTables(images)  # shared by the RNet and ONet crops
+    boxes, image_inds = _rnet_stage(tables, boxes, image_inds, rnet, thresholds[1])
+    boxes, image_inds, points = _onet_stage(tables, boxes, image_inds, onet, thresholds[2])
+
+    boxes_np, points_np, inds_np = boxes.cpu().numpy(), points.cpu().numpy(), image_inds.cpu().numpy()
+    return [(boxes_np[inds_np == b].copy(), points_np[inds_np == b].copy()) for b in range(batch_size)]
+
+
+def _pyramid_scales(h: int, w: int, minsize: int, factor: float) -> list[float]:
+    """The image scales PNet runs at: the smallest face of ``minsize`` becomes PNet's 12 pixels, then by ``factor``
+    down to where the shorter side is 12 pixels. Empty when the image is smaller than ``minsize``."""
     m = 12.0 / minsize
     minl = min(h, w) * m
     scales, scale = [], m
     while minl >= 12:
         scales.append(scale)
         scale, minl = scale * factor, minl * factor
+    return scales
 
-    if not scales:  # smaller than the minimum face size: nothing to look at
-        return [(np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)) for _ in range(batch_size)]
 
-    # Stage 1: PNet over the scale pyramid, NMS per scale and image, then per image.
+def _pnet_stage(images: torch.Tensor, pnet: nn.Module, scales: list[float], threshold: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: PNet over the scale pyramid, NMS per scale and image, then per image; regressed, squared boxes."""
+    h, w = images.shape[2:4]
     boxes_all, inds_all, picks, offset = [], [], [], 0
     for scale in scales:
         data = imresample(images, (int(h * scale + 1), int(w * scale + 1)))
         reg, probs = pnet((data - 127.5) * 0.0078125)
-        boxes_s, inds_s = generateBoundingBox(reg, probs[:, 1], scale, thresholds[0])
+        boxes_s, inds_s = generateBoundingBox(reg, probs[:, 1], scale, threshold)
         boxes_all.append(boxes_s)
         inds_all.append(inds_s)
         picks.append(batched_nms(boxes_s[:, :4], boxes_s[:, 4], inds_s, 0.5) + offset)
@@ -199,43 +217,45 @@ def detect_faces(imgs: np.ndarray, pnet: nn.Module, rnet: nn.Module, onet: nn.Mo
     boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * regw, boxes[:, 1] + boxes[:, 6] * regh,
                          boxes[:, 2] + boxes[:, 7] * regw, boxes[:, 3] + boxes[:, 8] * regh,
                          boxes[:, 4]]).permute(1, 0)
-    boxes = rerec(boxes)
+    return rerec(boxes), image_inds
 
-    # Stage 2: RNet on 24x24 crops.
-    tables = SummedAreaTables(images)
+
+def _rnet_stage(tables: SummedAreaTables, boxes: torch.Tensor, image_inds: torch.Tensor, rnet: nn.Module,
+                threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2: RNet on 24x24 crops rejects most candidates and refines the rest (NMS, regression, squared)."""
     if len(boxes) > 0:
         data, boxes, image_inds = _stage_input(tables, boxes, image_inds, 24)
     if len(boxes) > 0:
         reg, prob = _run_padded(data, rnet)
         score = prob[:, 1]
-        ipass = score > thresholds[1]
+        ipass = score > threshold
         boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
         image_inds, mv = image_inds[ipass], reg[ipass]
         pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
         boxes, image_inds, mv = boxes[pick], image_inds[pick], mv[pick]
         boxes = rerec(bbreg(boxes, mv))
+    return boxes, image_inds
 
-    # Stage 3: ONet on 48x48 crops: final boxes, scores and landmarks.
+
+def _onet_stage(tables: SummedAreaTables, boxes: torch.Tensor, image_inds: torch.Tensor, onet: nn.Module,
+                threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 3: ONet on 48x48 crops: final boxes [n, 5], their image indices and landmarks [n, 5, 2]."""
     points = torch.zeros(0, 5, 2)
     if len(boxes) > 0:
         data, boxes, image_inds = _stage_input(tables, boxes, image_inds, 48)
-    if len(boxes) > 0:
-        reg, landmarks, prob = _run_padded(data, onet)
-        score = prob[:, 1]
-        ipass = score > thresholds[2]
-        landmarks = landmarks[ipass].permute(1, 0)
-        boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
-        image_inds, mv = image_inds[ipass], reg[ipass]
-        w_i = boxes[:, 2] - boxes[:, 0] + 1
-        h_i = boxes[:, 3] - boxes[:, 1] + 1
-        points_x = w_i.repeat(5, 1) * landmarks[:5, :] + boxes[:, 0].repeat(5, 1) - 1
-        points_y = h_i.repeat(5, 1) * landmarks[5:10, :] + boxes[:, 1].repeat(5, 1) - 1
-        points = torch.stack((points_x, points_y)).permute(2, 1, 0)
-        boxes = bbreg(boxes, mv)
-        pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
-        boxes, image_inds, points = boxes[pick], image_inds[pick], points[pick]
-    else:
-        boxes = torch.zeros(0, 5)
-
-    boxes_np, points_np, inds_np = boxes.cpu().numpy(), points.cpu().numpy(), image_inds.cpu().numpy()
-    return [(boxes_np[inds_np == b].copy(), points_np[inds_np == b].copy()) for b in range(batch_size)]
+    if len(boxes) == 0:
+        return torch.zeros(0, 5), image_inds, points
+    reg, landmarks, prob = _run_padded(data, onet)
+    score = prob[:, 1]
+    ipass = score > threshold
+    landmarks = landmarks[ipass].permute(1, 0)
+    boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
+    image_inds, mv = image_inds[ipass], reg[ipass]
+    w_i = boxes[:, 2] - boxes[:, 0] + 1
+    h_i = boxes[:, 3] - boxes[:, 1] + 1
+    points_x = w_i.repeat(5, 1) * landmarks[:5, :] + boxes[:, 0].repeat(5, 1) - 1
+    points_y = h_i.repeat(5, 1) * landmarks[5:10, :] + boxes[:, 1].repeat(5, 1) - 1
+    points = torch.stack((points_x, points_y)).permute(2, 1, 0)
+    boxes = bbreg(boxes, mv)
+    pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
+    return boxes[pick], image_inds[pick], points[pick]
