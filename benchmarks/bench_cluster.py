@@ -18,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the repo root first, so `benchmarks` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits

@@ -29,6 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the repo root first, so `benchmarks` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import faiss
 import numpy as np
 
@@ -309,6 +312,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(REPO))  # `python benchmarks/bench_query.py` (the Makefile) as well as `-m`
     main()

@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the repo root first, so `benchmarks` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.lfw_data import Recorder, lfw_images, require_data
 
 REPO = Path(__file__).resolve().parent.parent
