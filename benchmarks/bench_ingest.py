@@ -60,24 +60,25 @@ def seed_loop(paths: list[str], embedder) -> tuple[float, int]:
 
 def faceindex_ingest(paths: list[str], detector, embedder) -> dict:
     from indexer.config import Settings
-    from indexer.library import FaceIndex
-    from indexer.pipeline import ingest as ingest_mod
+    from indexer.library import FaceIndex, OpenMode
+    from indexer.pipeline.runner import Pipeline
 
     rss: list[tuple[int, float]] = []
     process = psutil.Process()
-    real = ingest_mod.Ingestor.process_items
+    real = Pipeline.process
 
-    def measured(self, items, summary, **kwargs):
-        real(self, items, summary, **kwargs)
+    def measured(self, paths, summary=None, **kwargs):
+        summary = real(self, paths, summary, **kwargs)
         rss.append((summary.indexed + summary.no_face + summary.failed, process.memory_info().rss / 2**20))
+        return summary
 
-    ingest_mod.Ingestor.process_items = measured
+    Pipeline.process = measured
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            with FaceIndex(Settings(index_dir=tmp), writer=True, detector=detector, embedder=embedder) as fi:
+            with FaceIndex(Settings(index_dir=tmp), OpenMode.WRITE, detector=detector, embedder=embedder) as fi:
                 summary = fi.ingest(paths, progress=False)
     finally:
-        ingest_mod.Ingestor.process_items = real
+        Pipeline.process = real
     done = np.array([r[0] for r in rss])
     quarters = {}
     for q in (0.25, 0.5, 0.75, 1.0):

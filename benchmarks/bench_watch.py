@@ -92,7 +92,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
         # (a) faceindex ingest of the burst photos
-        out = subprocess.run([sys.executable, "-m", "indexer.cli", "ingest", "--index", str(tmp / "ingest"),
+        out = subprocess.run([sys.executable, "-m", "indexer", "ingest", "--index", str(tmp / "ingest"),
                               "--config", str(config), "--json", str(src)], capture_output=True, text=True,
                              check=True, cwd=REPO, env=env)
         ingest_s = json.loads(out.stdout)["seconds"]
@@ -101,11 +101,11 @@ def main() -> None:
         folder = tmp / "watched"
         folder.mkdir()
         index = tmp / "watch"
-        daemon = subprocess.Popen([sys.executable, "-m", "indexer.cli", "watch", str(folder), "--index", str(index),
+        daemon = subprocess.Popen([sys.executable, "-m", "indexer", "watch", str(folder), "--index", str(index),
                                    "--config", str(config)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
-            from indexer.library import daemon_status
+            from indexer.store.daemon import daemon_status
 
             wait_until(lambda: daemon_status(index)["running"], timeout=300, poll=0.1)
             latencies = []

@@ -14,6 +14,9 @@ from typing import Any
 
 from indexer.errors import ConfigError
 
+# The clustering methods (indexer.cluster implements them); config, CLI and library all use this list.
+CLUSTER_METHODS = ("adaptive", "agglomerative", "hdbscan", "threshold", "kmeans")
+
 
 @dataclass(frozen=True)
 class DetectorSettings:
@@ -120,8 +123,7 @@ def validate(s: Settings) -> Settings:
          "embedder.precision must be auto, float32, bfloat16 or float16"),
         (s.ingest.decode_workers >= 1, "ingest.decode_workers must be >= 1"),
         (s.ingest.max_pixels > 0, "ingest.max_pixels must be > 0"),
-        (s.cluster.method in ("adaptive", "kmeans", "threshold", "agglomerative", "hdbscan"),
-         "cluster.method must be adaptive, agglomerative, hdbscan, threshold or kmeans"),
+        (s.cluster.method in CLUSTER_METHODS, f"cluster.method must be one of {', '.join(CLUSTER_METHODS)}"),
         (-1.0 <= s.cluster.threshold <= 1.0, "cluster.threshold must be a cosine in [-1, 1]"),
         (s.cluster.k >= 0, "cluster.k must be >= 0 (0 = auto)"),
         (s.cluster.pair_margin >= 0, "cluster.pair_margin must be >= 0"),

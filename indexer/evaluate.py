@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from indexer.cluster import external_scores
-from indexer.clustering import compute, snapshot
 from indexer.config import Settings
-from indexer.library import FaceIndex
+from indexer.library import FaceIndex, OpenMode
+from indexer.persons.recluster import compute, snapshot
 
 
 def labelled_faces(fi: FaceIndex, root: Path) -> tuple[dict[int, str], int]:
@@ -43,7 +43,7 @@ def evaluate_folder(settings: Settings, folder: str | Path, method: str | None =
     with tempfile.TemporaryDirectory(prefix="faceindex-eval-") as tmp:
         if scratch:
             settings = replace(settings, index_dir=tmp)
-        with FaceIndex(settings, writer=True, command="eval") as fi:
+        with FaceIndex(settings, OpenMode.WRITE, command="eval") as fi:
             fi.ingest([root], progress=progress)
             labels, missing = labelled_faces(fi, root)
             ids, x = snapshot(fi.store)

@@ -62,7 +62,7 @@ def settings_for(index_dir: Path, **sections):
 
 def cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real `faceindex` entry point in a subprocess (as a user would)."""
-    cmd = [sys.executable, "-m", "indexer.cli", *args]
+    cmd = [sys.executable, "-m", "indexer", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
                           cwd=REPO)
     if check and proc.returncode != 0:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from indexer.errors import ClusteringError
-from indexer.library import ClusterCommands
 from tests.conftest import SAMPLES, cli, cli_json
 from tests.test_ingest import lfw_folder
 
@@ -175,33 +174,31 @@ def test_empty_and_tiny_indexes_give_clear_messages(tmp_path, copy_index):
 
 
 def test_daemon_reclusters_when_the_index_grew(copy_index, tmp_path, detector, embedder):
-    from indexer import clustering
-    from indexer.library import FaceIndex
-    from indexer.store.clusters import load_clustering
+    from indexer.library import FaceIndex, OpenMode
+    from indexer.persons.recluster import due
+    from indexer.persons.state import load_clustering
     from tests.conftest import settings_for
 
     settings = settings_for(copy_index, cluster={"recluster_growth": 0.1})
-    with FaceIndex(settings, edit=True) as fi:
-        ClusterCommands(fi).cluster()
+    with FaceIndex(settings, OpenMode.EDIT) as fi:
+        fi.cluster()
         first = load_clustering(fi.store)
     folder = tmp_path / "more"
     folder.mkdir()
     for p in (SAMPLES / "photos").rglob("*.jp*g"):
         shutil.copy(p, folder / f"copy_{p.parent.name}_{p.name}")
         (folder / f"copy_{p.parent.name}_{p.name}").write_bytes(p.read_bytes() + b"\0")  # new bytes, same pixels
-    from indexer.pipeline.watch import Watcher
-
-    with FaceIndex(settings, writer=True, command="watch", detector=detector, embedder=embedder) as fi:
-        Watcher(fi, folder, once=True).run()
+    with FaceIndex(settings, OpenMode.WRITE, command="watch", detector=detector, embedder=embedder) as fi:
+        fi.watch(folder, once=True)
         second = load_clustering(fi.store)
         assert second.n_faces > first.n_faces and second.created > first.created
         assert set(first.ids.tolist()) <= set(second.ids.tolist()), "existing clusters kept their ids"
-        assert clustering.due(fi.store, settings.cluster, second.n_faces) is False
+        assert due(fi.store, settings.cluster, second.n_faces) is False
 
 
 def test_compute_refuses_an_empty_snapshot():
-    from indexer.clustering import compute
     from indexer.config import ClusterSettings
+    from indexer.persons.recluster import compute
 
     with pytest.raises(ClusteringError, match="no faces"):
         compute(np.zeros(0, np.int64), np.zeros((0, 512), np.float32), ClusterSettings())

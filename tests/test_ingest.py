@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.library import FaceIndex
+from indexer.library import FaceIndex, OpenMode
 from indexer.store.lmdb_store import FaceStore
 from tests.conftest import REPO, SAMPLES, cli, cli_json, settings_for
 
@@ -30,7 +30,8 @@ def open_index(detector, embedder):
     opened = []
 
     def make(index_dir: Path, writer: bool = True, **sections) -> FaceIndex:
-        fi = FaceIndex(settings_for(index_dir, **sections), writer=writer, detector=detector, embedder=embedder)
+        mode = OpenMode.WRITE if writer else OpenMode.READ
+        fi = FaceIndex(settings_for(index_dir, **sections), mode, detector=detector, embedder=embedder)
         opened.append(fi)
         return fi
 
@@ -168,13 +169,15 @@ def test_bad_inputs_are_recorded_and_skipped(tmp_path, open_index):
     listed = {Path(f["path"]).name: f["reason"] for f in fi.status()["failures"]}
     assert listed == reasons
     # A file that vanishes between the scan and the read, and one that cannot be read.
-    vanished = fi.ingestor().process([str(photos / "gone.jpg")])
+    with fi.pipeline() as pipeline:
+        vanished = pipeline.process([str(photos / "gone.jpg")])
     assert vanished.failures[0]["reason"].startswith("vanished")
     assert fi.store.get_file(str(photos / "gone.jpg")).status == "failed"
     if os.geteuid() != 0:  # root reads anything: the permission case only means something for users
         (photos / "locked.jpg").write_bytes(good)
         (photos / "locked.jpg").chmod(0)
-        locked = fi.ingestor().process([str(photos / "locked.jpg")])
+        with fi.pipeline() as pipeline:
+            locked = pipeline.process([str(photos / "locked.jpg")])
         assert "permission" in locked.failures[0]["reason"]
 
 
@@ -266,7 +269,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(shared_data, tmp_
     rng = random.Random(20261128)
     for trial in range(3):
         index = tmp_path / f"trial{trial}"
-        proc = subprocess.Popen([sys.executable, "-m", "indexer.cli", "ingest", "--index", str(index), str(folder)],
+        proc = subprocess.Popen([sys.executable, "-m", "indexer", "ingest", "--index", str(index), str(folder)],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         target = rng.randint(1, 80)  # kill once at least this many files are committed, plus a random delay
         while proc.poll() is None and _committed_files(index) < target:
@@ -296,7 +299,7 @@ def _committed_files(index: Path) -> int:
 def test_sigint_commits_the_current_batch_and_exits_130(shared_data, tmp_path):
     folder, _ = lfw_folder(shared_data, tmp_path, people=40, per_person=2)
     index = tmp_path / "ix"
-    proc = subprocess.Popen([sys.executable, "-m", "indexer.cli", "ingest", "--index", str(index), str(folder)],
+    proc = subprocess.Popen([sys.executable, "-m", "indexer", "ingest", "--index", str(index), str(folder)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and _committed_files(index) < 16:
         time.sleep(0.05)
@@ -322,7 +325,7 @@ def test_writer_removes_snapshot_temp_files_left_by_a_crash(copy_index, open_ind
     ([300, 200, 100, 349, 351, 80], [0, 0, 0, 0, 1, 1]),
 ])
 def test_memory_trimmer_trims_only_when_memory_creeps_above_its_level(rss_mb, trims_after):
-    from indexer.pipeline.ingest import MemoryTrimmer
+    from indexer.pipeline.runner import MemoryTrimmer
 
     calls = iter(rss_mb)
     trimmed = []

@@ -47,7 +47,7 @@ def store_view(index: Path) -> dict[str, int]:
 
 class Daemon:
     def __init__(self, folder: Path, index: Path, config: Path) -> None:
-        self.args = [sys.executable, "-m", "indexer.cli", "watch", str(folder), "--index", str(index),
+        self.args = [sys.executable, "-m", "indexer", "watch", str(folder), "--index", str(index),
                      "--config", str(config)]
         self.index = index
         self.proc: subprocess.Popen | None = None
@@ -59,7 +59,7 @@ class Daemon:
         return self
 
     def status_running(self) -> bool:
-        from indexer.library import daemon_status
+        from indexer.store.daemon import daemon_status
 
         return daemon_status(self.index)["running"]
 
@@ -96,7 +96,7 @@ def expect(index: Path, expected: dict[str, int], what: str) -> None:
 
 
 def test_daemon_follows_a_living_folder(daemon, shared_data, tmp_path):
-    from indexer.library import daemon_status
+    from indexer.store.daemon import daemon_status
 
     folder, index = daemon.folder, daemon.index
     # 1. one file written slowly, in chunks: never indexed half-written. A daemon holding files for 60 s watches
@@ -246,7 +246,8 @@ def test_kill_9_during_a_burst_loses_and_duplicates_nothing(shared_data, tmp_pat
 def test_read_ahead_rereads_a_file_that_changed_after_it_was_read(tmp_path):
     import os
 
-    from indexer.pipeline.stages import ReadAhead, ReadItem
+    from indexer.pipeline.read import ReadAhead
+    from indexer.pipeline.records import ReadItem
 
     reads: list[str] = []
 

@@ -33,11 +33,12 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from indexer.cluster.kmeans import as_unit_matrix, check_k, fit_kmeans, nearest_center
+from indexer.config import CLUSTER_METHODS
 from indexer.errors import ClusteringError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("adaptive", "agglomerative", "hdbscan", "threshold", "kmeans")
+METHODS = CLUSTER_METHODS
 # Tuned on LFW View 1 (dev-train, LFW's tuning set); the sweeps are in benchmarks/results/bench_cluster.txt.
 DEFAULT_THRESHOLD = {"adaptive": 0.55, "agglomerative": 0.55, "threshold": 0.70}
 DEFAULT_PAIR_MARGIN = 0.03

@@ -10,7 +10,8 @@ all work happens on the daemon's loop:
   under it out of the store and the index.
 
 On start the observer is started first, then a catch-up scan reconciles the folder with the store (new, changed,
-removed and moved files since the last run), so no event is lost between the two.
+removed and moved files since the last run), so no event is lost between the two. Periodic work that is not the
+pipeline's (reclustering) is the caller's ``on_idle`` hook, called between batches.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from indexer.library import FaceIndex, write_daemon_status
-from indexer.pipeline.ingest import IngestSummary, ignored, scan, trap_stop_signals
-from indexer.pipeline.stages import ReadAhead
+from indexer.errors import NotFoundError
+from indexer.pipeline.runner import IngestSummary, Pipeline
+from indexer.pipeline.scan import ignored, scan
+from indexer.store.daemon import write_daemon_status
 
 log = logging.getLogger("faceindex.watch")
 POLL_S = 0.05
@@ -78,34 +80,30 @@ class EnqueueHandler(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, fi: FaceIndex, root: str | Path, once: bool = False) -> None:
-        self.fi = fi
-        self.settings = fi.settings
+    """The daemon's loop over one folder, driving ``pipeline``; ``run`` returns when ``pipeline.stop`` is set."""
+
+    def __init__(self, pipeline: Pipeline, root: str | Path, once: bool = False,
+                 on_idle: Callable[[bool], None] | None = None) -> None:
+        self.pipeline = pipeline
+        self.store = pipeline.store
+        self.settings = pipeline.settings
         self.root = Path(root).expanduser().absolute()
         if not self.root.is_dir():
-            from indexer.errors import NotFoundError
-
             raise NotFoundError(f"{self.root} is not a folder")
         self.once = once
+        self.on_idle = on_idle or (lambda wait: None)
         self.events: queue.Queue = queue.Queue()
         self.pending: dict[str, Pending] = {}
         self.ready: dict[str, float] = {}   # settled path -> when it settled
-        self.stop = threading.Event()
+        self.stop = pipeline.stop
         self.summary = IngestSummary()
         self.last_event: str | None = None
         self._status_at = 0.0
         self._vanished: list[str] = []   # stored paths missing at catch-up, dropped once the queue is indexed
-        self._job: ReclusterJob | None = None
-        self._recluster_checked = 0.0
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> IngestSummary:
         started = time.perf_counter()
-        ingestor = self.fi.ingestor()
-        ingestor.stop = self.stop
-        self.ingestor = ingestor
-        self.read_ahead = ReadAhead(ingestor.reader, self.settings.ingest.decode_workers)
-        restore = trap_stop_signals(self.stop)
         observer = None
         try:
             if not self.once:
@@ -114,45 +112,35 @@ class Watcher:
                                          self.settings.watch.ignore)
                 observer.schedule(handler, str(self.root), recursive=True)
                 observer.start()
-            self._warm_up()
+            self.pipeline.faces.warm_up()
             self.catch_up()
-            busy = False
-            while not self.stop.is_set():
-                # Right after a batch, look for events without waiting: a 50 ms wait per batch added up to 5 % of
-                # a burst's time. Otherwise wait for them (no busy loop while a batch fills up or all is quiet).
-                self._drain(timeout=0.0 if busy else POLL_S)
-                self._settle()
-                busy = self._maybe_process()
-                self._maybe_recluster()
-                self._write_status()
-                if self.once and not self.pending and not self.ready:
-                    self._drop_vanished()
-                    self._maybe_recluster(wait=True)
-                    break
-            if self.ready and not self.once:
-                log.info("stopping: %d settled files left for the next start", len(self.ready))
+            self._loop()
         finally:
             if observer is not None:
                 observer.stop()
                 observer.join()
-            self.read_ahead.close()
-            restore()
-            ingestor.index.save(force=True)
+            self.pipeline.close()
             self._write_status(force=True, running=False)
         self.summary.seconds = time.perf_counter() - started
-        self.summary.stages = ingestor.timer.summary()
+        self.summary.stages = self.pipeline.timer.summary()
         return self.summary
 
-    def _warm_up(self) -> None:
-        """One tiny forward pass through both models, so the first photo of a trickle is not also paying for
-        torch's lazy initialisation (measured: several seconds of extra latency on the first file)."""
-        from PIL import Image
-
-        blank = Image.new("RGB", (64, 64))
-        self.fi.detector.detect([blank])
-        import torch
-
-        self.fi.embedder.embed(torch.zeros(1, 3, 160, 160))
+    def _loop(self) -> None:
+        busy = False
+        while not self.stop.is_set():
+            # Right after a batch, look for events without waiting: a 50 ms wait per batch added up to 5 % of
+            # a burst's time. Otherwise wait for them (no busy loop while a batch fills up or all is quiet).
+            self._drain(timeout=0.0 if busy else POLL_S)
+            self._settle()
+            busy = self._maybe_process()
+            self.on_idle(False)
+            self._write_status()
+            if self.once and not self.pending and not self.ready:
+                self._drop_vanished()
+                self.on_idle(True)
+                return
+        if self.ready and not self.once:
+            log.info("stopping: %d settled files left for the next start", len(self.ready))
 
     # ------------------------------------------------------------------ catch-up
     def catch_up(self) -> None:
@@ -162,7 +150,7 @@ class Watcher:
         daemon was stopped is recognised by its sha256 and keeps its faces instead of being embedded again.
         """
         on_disk = list(scan([self.root], self.settings.ingest.extensions, self.settings.watch.ignore))
-        todo, unchanged = self.ingestor.changed(on_disk)
+        todo, unchanged = self.pipeline.needs_reading(on_disk)
         self.summary.files += unchanged  # the others are counted as they are processed
         self.summary.unchanged += unchanged
         now = time.monotonic()
@@ -170,8 +158,8 @@ class Watcher:
             self._touch(path, now)
         present = set(on_disk)
         prefix = str(self.root) + os.sep
-        with self.fi.store.read() as txn:
-            self._vanished = [r.path for r in self.fi.store.iter_files(txn, prefix) if r.path not in present]
+        with self.store.read() as txn:
+            self._vanished = [r.path for r in self.store.iter_files(txn, prefix) if r.path not in present]
         if not todo:
             self._drop_vanished()
 
@@ -256,17 +244,13 @@ class Watcher:
         batch = order[:size]
         for path in batch:
             self.ready.pop(path)
-        started = time.perf_counter()
-        items = self.read_ahead.take(batch)
-        self.ingestor.timer.add("read_wait", started)
-        self.read_ahead.ahead(order[size:2 * size])  # read the next batch while the models work on this one
-        self.summary.files += len(batch)
-        self.ingestor.process_items(items, self.summary)
+        # The next batch is read while the models work on this one.
+        self.pipeline.process(batch, self.summary, ahead=order[size:2 * size])
         return True
 
     # ------------------------------------------------------------------ removals and moves
     def _remove(self, paths: list[str]) -> None:
-        store = self.fi.store
+        store = self.store
 
         def drop(txn) -> int:
             removed = 0
@@ -279,17 +263,17 @@ class Watcher:
         removed = store.transact(drop)
         if removed:
             self.summary.removed += removed
-            self.ingestor.index.catch_up()
+            self.pipeline.index.catch_up()
             log.info("removed files=%d", removed)
 
     def _remove_under(self, folder: str) -> None:
-        with self.fi.store.read() as txn:
-            paths = [r.path for r in self.fi.store.iter_files(txn, folder.rstrip(os.sep) + os.sep)]
+        with self.store.read() as txn:
+            paths = [r.path for r in self.store.iter_files(txn, folder.rstrip(os.sep) + os.sep)]
         if paths:
             self._remove(paths)
 
     def _move(self, src: str, dest: str, is_dir: bool, now: float) -> None:
-        store = self.fi.store
+        store = self.store
         if is_dir:
             prefix = src.rstrip(os.sep) + os.sep
             with store.read() as txn:
@@ -316,38 +300,8 @@ class Watcher:
         if not is_dir and moved == 0 and dest not in self.pending:
             self._touch(dest, now)  # not indexed under its old name (or not at all): index the new one
         elif moved:
-            self.ingestor.index.catch_up()
+            self.pipeline.index.catch_up()
             log.info("moved files=%d", moved)
-
-    # ------------------------------------------------------------------ periodic reclustering
-    def _maybe_recluster(self, wait: bool = False) -> None:
-        """Recluster when due (see clustering.due): computed on a snapshot in a thread, applied between batches."""
-        from indexer import clustering
-
-        store, cs = self.fi.store, self.settings.cluster
-        if self._job is None:
-            now = time.monotonic()
-            if not wait and now - self._recluster_checked < 2.0:
-                return
-            self._recluster_checked = now
-            with store.read() as txn:
-                n_faces = txn.stat(store.db["faces"])["entries"]
-            if not clustering.due(store, cs, n_faces):
-                return
-            self._job = ReclusterJob(store, cs)
-            self._job.start()
-        if wait:
-            self._job.join()
-        if self._job.is_alive():
-            return
-        job, self._job = self._job, None
-        if job.error is not None:
-            log.warning("recluster failed: %s", job.error)
-            return
-        result = clustering.apply(store, job.computed, cs)
-        self.ingestor.index.catch_up()
-        log.info("reclustered %s: k=%d over %d faces in %.1f s", result.method, len(result.ids), result.n_faces,
-                 job.computed.seconds)
 
     # ------------------------------------------------------------------ status
     def _write_status(self, force: bool = False, running: bool = True) -> None:
@@ -355,35 +309,9 @@ class Watcher:
         if not force and now - self._status_at < 0.5:
             return
         self._status_at = now
-        write_daemon_status(self.fi.dir, pid=os.getpid(), root=str(self.root), running=running,
+        write_daemon_status(self.store.index_dir, pid=os.getpid(), root=str(self.root), running=running,
                             backlog=len(self.pending) + len(self.ready) + self.events.qsize(),
                             last_event=self.last_event, faces_added=self.summary.faces)
-
-
-class ReclusterJob(threading.Thread):
-    """Clusters a snapshot of the store's vectors off the main loop (daemon thread: never delays shutdown)."""
-
-    def __init__(self, store, settings) -> None:
-        super().__init__(name="recluster", daemon=True)
-        from indexer import clustering
-        from indexer.store.clusters import load_clustering
-
-        self.settings = settings
-        self.previous = load_clustering(store)
-        self.ids, self.x = clustering.snapshot(store)
-        self.computed = None
-        self.error: Exception | None = None
-
-    def run(self) -> None:
-        from indexer import clustering
-
-        prev = self.previous
-        try:
-            k = len(prev.ids) if prev.method == "kmeans" else None
-            self.computed = clustering.compute(self.ids, self.x, self.settings, method=prev.method, k=k,
-                                               threshold=prev.params.get("threshold"), previous=prev)
-        except Exception as exc:  # reported by the main loop; the daemon keeps indexing
-            self.error = exc
 
 
 def _stat_or_none(path: str):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.fsutil import atomic_write
 from indexer.report.gallery import ReportFace, plan_sections, render_html, write_thumbnails
 from indexer.report.plots import finite_or_none, plot_cluster_sizes, plot_projections
 
@@ -50,12 +51,12 @@ def build_report(out_dir: Path, faces: list[ReportFace], vectors: np.ndarray, *,
                "perplexity": projection["perplexity"], "seed": seed, "gallery_thumbnails": len(thumbs),
                "max_per_cluster": max_per_cluster}
     written_metrics = _jsonable({**{k: None for k in SCORES}, **metrics, "report_samples": samples})
-    (out_dir / "metrics.json").write_text(json.dumps(written_metrics, indent=2, allow_nan=False) + "\n")
+    atomic_write(out_dir / "metrics.json", json.dumps(written_metrics, indent=2, allow_nan=False) + "\n", mode=0o644)
 
     page = render_html(title=title, sections=sections, thumbs=thumbs, metrics=metrics, plots=plots,
                        skipped=projection["skipped"], n_faces=len(faces), projection=projection)
     index = out_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
+    atomic_write(index, page, mode=0o644)
     if open_browser:
         webbrowser.open(index.resolve().as_uri())
 

@@ -105,6 +105,8 @@ def write_thumbnails(out_dir: Path, sections: list[ClusterSection]) -> dict[int,
             if not face.thumbnail:
                 continue
             name = f"{int(face.face_id)}.jpg"
+            # A plain write, not atomic_write: thumbnails are rewritten by every report, and the page naming them
+            # is written (atomically) after them; thousands of fsyncs would buy nothing.
             (thumbs / name).write_bytes(face.thumbnail)
             written[face.face_id] = f"{THUMBS_DIR}/{name}"
     keep = {Path(p).name for p in written.values()}

@@ -12,6 +12,7 @@ nothing and a reader never sees a stale answer.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Iterable, Iterator
@@ -24,10 +25,11 @@ import lmdb
 import msgpack
 import numpy as np
 
+from indexer.embedding import EMBEDDING_DIM as DIM
 from indexer.errors import IndexMismatchError, NotFoundError
 
 SCHEMA_VERSION = 1
-DIM = 512
+STORE_DIR = "store.lmdb"
 _DBS = ("meta", "files", "sha", "faces", "vectors", "thumbs", "log", "clusters")
 _INITIAL_MAP = 1 << 30      # 1 GiB; sparse on Linux, doubled whenever a transaction fills it
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's byte order is numeric order
@@ -42,11 +44,22 @@ def from_u64(b: bytes) -> int:
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    # surrogateescape: a file name that is not valid UTF-8 (Latin-1 bytes from an old archive) reaches Python as a
+    # str with surrogates (os.fsdecode); it is stored as its original bytes and read back as the same str.
+    return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
 
 
 def unpack(b: bytes) -> Any:
-    return msgpack.unpackb(b, raw=False)
+    return msgpack.unpackb(b, raw=False, unicode_errors="surrogateescape")
+
+
+def path_key(path: str) -> bytes:
+    """A file's key: its path as the bytes the filesystem holds (any name, UTF-8 or not)."""
+    return os.fsencode(path)
+
+
+def store_exists(index_dir: str | Path) -> bool:
+    return (Path(index_dir) / STORE_DIR / "data.mdb").is_file()
 
 
 @dataclass
@@ -98,8 +111,8 @@ class FaceStore:
 
     def __init__(self, index_dir: str | Path, readonly: bool = False) -> None:
         self.index_dir = Path(index_dir)
-        path = self.index_dir / "store.lmdb"
-        if readonly and not (path / "data.mdb").is_file():
+        path = self.index_dir / STORE_DIR
+        if readonly and not store_exists(self.index_dir):
             raise NotFoundError(f"no index at {self.index_dir}; run `faceindex ingest PATH --index {self.index_dir}`")
         path.mkdir(parents=True, exist_ok=True)
         self.readonly = readonly
@@ -152,6 +165,13 @@ class FaceStore:
             raise
         txn.commit()
 
+    def _get(self, db: str, key: bytes, txn: lmdb.Transaction | None) -> bytes | None:
+        """One value, in the caller's transaction or a short read transaction of its own (values are copies)."""
+        if txn is not None:
+            return txn.get(key, db=self.db[db])
+        with self.read() as t:
+            return t.get(key, db=self.db[db])
+
     def transact(self, fn, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(txn, ...)`` in one write transaction, growing the map and retrying when it is full."""
         while True:
@@ -163,10 +183,7 @@ class FaceStore:
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default: Any = None, txn: lmdb.Transaction | None = None) -> Any:
-        if txn is None:
-            with self.read() as t:
-                return self.get_meta(key, default, t)
-        raw = txn.get(key.encode(), db=self.db["meta"])
+        raw = self._get("meta", key.encode(), txn)
         return default if raw is None else unpack(raw)
 
     def put_meta(self, txn: lmdb.Transaction, key: str, value: Any) -> None:
@@ -185,15 +202,12 @@ class FaceStore:
 
     # ------------------------------------------------------------------ files
     def get_file(self, path: str, txn: lmdb.Transaction | None = None) -> FileRecord | None:
-        if txn is None:
-            with self.read() as t:
-                return self.get_file(path, t)
-        raw = txn.get(path.encode(), db=self.db["files"])
+        raw = self._get("files", path_key(path), txn)
         return None if raw is None else FileRecord(**unpack(raw))
 
     def iter_files(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[FileRecord]:
         cursor = txn.cursor(db=self.db["files"])
-        start = prefix.encode()
+        start = path_key(prefix)
         if not cursor.set_range(start):
             return
         for key, raw in cursor:
@@ -204,6 +218,11 @@ class FaceStore:
     def paths_with_sha(self, sha: str, txn: lmdb.Transaction) -> list[str]:
         raw = txn.get(sha.encode(), db=self.db["sha"])
         return [] if raw is None else unpack(raw)
+
+    def files_with_sha(self, sha: str, txn: lmdb.Transaction) -> list[FileRecord]:
+        """The stored files holding exactly these bytes."""
+        records = (self.get_file(path, txn) for path in self.paths_with_sha(sha, txn))
+        return [rec for rec in records if rec is not None]
 
     def _link_sha(self, txn: lmdb.Transaction, sha: str, path: str, add: bool) -> None:
         paths = set(self.paths_with_sha(sha, txn))
@@ -219,7 +238,7 @@ class FaceStore:
         ids = [self._add_face(txn, record.path, face) for face in faces]
         record.face_ids = ids
         record.indexed_at = time.time()
-        txn.put(record.path.encode(), pack(record.to_dict()), db=self.db["files"])
+        txn.put(path_key(record.path), pack(record.to_dict()), db=self.db["files"])
         if record.sha256:
             self._link_sha(txn, record.sha256, record.path, add=True)
         return ids
@@ -229,7 +248,7 @@ class FaceStore:
         rec = self.get_file(path, txn)
         if rec is not None:
             rec.size, rec.mtime_ns = size, mtime_ns
-            txn.put(path.encode(), pack(rec.to_dict()), db=self.db["files"])
+            txn.put(path_key(path), pack(rec.to_dict()), db=self.db["files"])
 
     def remove_file(self, txn: lmdb.Transaction, path: str) -> int:
         """Forget a file and its faces; returns how many faces left."""
@@ -238,7 +257,7 @@ class FaceStore:
             return 0
         for face_id in rec.face_ids:
             self._remove_face(txn, face_id)
-        txn.delete(path.encode(), db=self.db["files"])
+        txn.delete(path_key(path), db=self.db["files"])
         if rec.sha256:
             self._link_sha(txn, rec.sha256, path, add=False)
         return len(rec.face_ids)
@@ -249,14 +268,14 @@ class FaceStore:
         if rec is None:
             return False
         self.remove_file(txn, new)  # a file overwritten by the move
-        txn.delete(old.encode(), db=self.db["files"])
+        txn.delete(path_key(old), db=self.db["files"])
         if rec.sha256:
             self._link_sha(txn, rec.sha256, old, add=False)
             self._link_sha(txn, rec.sha256, new, add=True)
         rec.path = new
         if mtime_ns is not None:
             rec.mtime_ns = mtime_ns
-        txn.put(new.encode(), pack(rec.to_dict()), db=self.db["files"])
+        txn.put(path_key(new), pack(rec.to_dict()), db=self.db["files"])
         for face_id in rec.face_ids:
             face = self.get_face(face_id, txn)
             if face is not None:
@@ -293,10 +312,7 @@ class FaceStore:
         self._log(txn, "r", face_id)
 
     def get_face(self, face_id: int, txn: lmdb.Transaction | None = None) -> FaceRecord | None:
-        if txn is None:
-            with self.read() as t:
-                return self.get_face(face_id, t)
-        raw = txn.get(u64(face_id), db=self.db["faces"])
+        raw = self._get("faces", u64(face_id), txn)
         return None if raw is None else FaceRecord(**unpack(raw))
 
     def set_face_cluster(self, txn: lmdb.Transaction, face_id: int, cluster: int, similarity: float) -> None:
@@ -304,6 +320,24 @@ class FaceStore:
         if face is not None:
             face.cluster, face.similarity = int(cluster), float(similarity)
             txn.put(u64(face_id), pack(face.to_dict()), db=self.db["faces"])
+
+    def reusable_faces(self, txn: lmdb.Transaction, path: str) -> list[NewFace]:
+        """The stored faces of ``path`` as new faces (vector, thumbnail, person) for a byte-identical copy."""
+        rec = self.get_file(path, txn)
+        faces = []
+        for face_id in rec.face_ids if rec else []:
+            face = self.get_face(face_id, txn)
+            faces.append(NewFace(box=face.box, prob=face.prob, landmarks=face.landmarks,
+                                 vector=self.get_vector(face_id, txn).copy(),
+                                 thumbnail=self.get_thumbnail(face_id, txn) or b"",
+                                 cluster=face.cluster, similarity=face.similarity))
+        return faces
+
+    def face_count(self, txn: lmdb.Transaction | None = None) -> int:
+        if txn is None:
+            with self.read() as t:
+                return self.face_count(t)
+        return txn.stat(self.db["faces"])["entries"]
 
     def iter_faces(self, txn: lmdb.Transaction) -> Iterator[FaceRecord]:
         for _, raw in txn.cursor(db=self.db["faces"]):
@@ -353,8 +387,7 @@ class FaceStore:
                 by_status[rec.status] = by_status.get(rec.status, 0) + 1
                 if rec.status == "failed" and len(failures) < max_failures:
                     failures.append({"path": rec.path, "reason": rec.reason})
-            faces = txn.stat(self.db["faces"])["entries"]
-            return {"files": by_status, "faces": faces, "model": self.get_meta("model", None, txn),
+            return {"files": by_status, "faces": self.face_count(txn), "model": self.get_meta("model", None, txn),
                     "seq": self.get_meta("seq", 0, txn), "failures": failures}
 
     def disk_bytes(self) -> int:

@@ -7,17 +7,21 @@ order of stable id, and say which stable id each row is (``cluster_ids``) and ea
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from indexer.cluster import assign_to_centers
-from indexer.clustering import require_clustering
-from indexer.store.clusters import Clustering
+from indexer.embedding import stack_vectors
+from indexer.fsutil import atomic_write
+from indexer.persons.state import Clustering, require_clustering
 from indexer.store.lmdb_store import FaceStore
+
+if TYPE_CHECKING:
+    from indexer.report.gallery import ReportFace
 
 
 def _rows(clustering: Clustering) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
@@ -34,9 +38,13 @@ def _header(store: FaceStore, clustering: Clustering, ids: np.ndarray) -> dict[s
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, allow_nan=False), mode=0o644)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write(path, buf.getvalue(), mode=0o644)
 
 
 def _num(x: float) -> float | None:
@@ -48,7 +56,7 @@ def export(store: FaceStore, out_dir: str | Path) -> dict[str, Any]:
     ids, centers, row_of = _rows(clustering)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "cluster_centers.npy", centers)
+    _write_npy(out / "cluster_centers.npy", centers)
     with store.read() as txn:
         faces = [{"face_id": f.face_id, "path": f.path, "box": [round(v, 1) for v in f.box], "prob": round(f.prob, 4),
                   "cluster": row_of.get(f.cluster, -1), "cluster_id": f.cluster, "similarity": _num(f.similarity)}
@@ -67,7 +75,7 @@ def assign(store: FaceStore, faces: list[tuple[str, dict[str, Any], np.ndarray]]
     """``faces``: (path, detection record, vector) of photos outside the index. Writes test_assignments.json."""
     clustering = require_clustering(store)
     ids, centers, _ = _rows(clustering)
-    vectors = np.stack([v for _, _, v in faces]) if faces else np.zeros((0, 512), np.float32)
+    vectors = stack_vectors([v for _, _, v in faces])
     rows, sims = assign_to_centers(vectors, centers, min_similarity)
     records = [{"face_id": None, "path": str(Path(path).absolute()), "box": [round(v, 1) for v in rec["box"]],
                 "prob": rec["prob"], "cluster": int(row), "cluster_id": int(ids[row]) if row >= 0 else -1,
@@ -77,3 +85,17 @@ def assign(store: FaceStore, faces: list[tuple[str, dict[str, Any], np.ndarray]]
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_json(out, {**_header(store, clustering, ids), "faces": records})
     return {"out": str(out), "faces": len(records), "k": int(len(ids))}
+
+
+def report_faces(store: FaceStore) -> tuple[Clustering, list[ReportFace], np.ndarray]:
+    """The clustering, every face as a report record, and their vectors (rows aligned), for ``indexer.report``."""
+    from indexer.report.gallery import ReportFace  # here: matplotlib loads with the report package
+
+    clustering = require_clustering(store)
+    faces, vectors = [], []
+    with store.read() as txn:
+        for f in store.iter_faces(txn):
+            faces.append(ReportFace(face_id=f.face_id, path=f.path, box=tuple(f.box), cluster=f.cluster,
+                                    similarity=f.similarity, thumbnail=store.get_thumbnail(f.face_id, txn)))
+            vectors.append(store.get_vector(f.face_id, txn))
+    return clustering, faces, stack_vectors(vectors)

@@ -1,6 +1,6 @@
 """``faceindex`` commands about clusters and people: cluster, export, assign, report, people, eval.
 
-Split from cli.py to keep modules small; the same rules apply: parse, one library call, print (text or --json).
+The same rules as the index commands: parse, one library call, print (text or --json).
 """
 
 from __future__ import annotations
@@ -9,31 +9,8 @@ import sys
 
 import click
 
-from indexer.cli import (
-    CLUSTER_METHODS,
-    _fmt,
-    _open,
-    emit,
-    index_options,
-    json_option,
-    main,
-    weights_option,
-)
-from indexer.config import Settings, with_overrides
-
-
-# ---------------------------------------------------------------------------------------------------- clusters
-def _clusters(settings: Settings):
-    from indexer.library import ClusterCommands
-
-    fi = _open_edit(settings)
-    return fi, ClusterCommands(fi)
-
-
-def _open_edit(settings: Settings):
-    from indexer.library import FaceIndex
-
-    return FaceIndex(settings, edit=True)
+from indexer.cli.options import emit, fmt, index_options, json_option, method_option, open_index, run, weights_option
+from indexer.config import Settings
 
 
 def parse_k(value: str | None) -> int | str | None:
@@ -48,9 +25,8 @@ def parse_k(value: str | None) -> int | str | None:
     return k
 
 
-@main.command()
-@click.option("--method", type=click.Choice(CLUSTER_METHODS),
-              default=None, help="Clustering method (default: cluster.method in config).")
+@click.command()
+@method_option
 @click.option("--k", "k", default=None, help="K-Means only: number of clusters, or 'auto' (silhouette).")
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
               help="Cosine threshold for the graph / linkage methods (default: config).")
@@ -61,9 +37,8 @@ def cluster(method: str | None, k: str | None, threshold: float | None, settings
     k_value = parse_k(k)
     if k_value is not None and (method or settings.cluster.method) != "kmeans":
         raise click.UsageError("--k applies to --method kmeans only")
-    fi, commands = _clusters(settings)
-    with fi:
-        result = commands.cluster(method, k_value, threshold)
+    with open_index(settings, "edit") as fi:
+        result = fi.cluster(method, k_value, threshold)
     emit(result, as_json, _cluster_text)
 
 
@@ -72,63 +47,53 @@ def _cluster_text(r: dict) -> str:
     lines = []
     if r.get("k_table"):
         lines.append("   k    inertia  silhouette")
-        lines += [f"  {row['k']:>3}  {row['inertia']:>9.1f}  {_fmt(row['silhouette'])}" for row in r["k_table"]]
+        lines += [f"  {row['k']:>3}  {row['inertia']:>9.1f}  {fmt(row['silhouette'])}" for row in r["k_table"]]
     lines.append(f"{r['method']}: {r['k']} clusters over {r['n_faces']} faces ({r['unassigned']} unassigned) "
                  f"in {r['seconds']} s")
-    lines.append(f"silhouette {_fmt(m.get('silhouette'))} (on {m.get('silhouette_sample', 0)} faces), "
-                 f"Davies-Bouldin {_fmt(m.get('davies_bouldin'))}, "
-                 f"Calinski-Harabasz {_fmt(m.get('calinski_harabasz'))}")
+    lines.append(f"silhouette {fmt(m.get('silhouette'))} (on {m.get('silhouette_sample', 0)} faces), "
+                 f"Davies-Bouldin {fmt(m.get('davies_bouldin'))}, "
+                 f"Calinski-Harabasz {fmt(m.get('calinski_harabasz'))}")
     kept = sum(1 for line in r["mapping"] if "keeps id" in line)
     if kept:
         lines.append(f"{kept} clusters kept their id (see --json for the mapping)")
     return "\n".join(lines)
 
 
-@main.command()
+@click.command()
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Folder to write into.")
 @index_options
 @json_option
 def export(out: str, settings: Settings, as_json: bool) -> None:
     """Write cluster_centers.npy, train_assignments.json and metrics.json."""
-    fi, commands = _clusters(settings)
-    with fi:
-        result = commands.export(out)
-    emit(result, as_json, lambda r: f"wrote {', '.join(r['files'])} to {r['out']} ({r['k']} clusters, "
-                                    f"{r['faces']} faces)")
+    run(settings, lambda fi: fi.export(out), as_json,
+        lambda r: f"wrote {', '.join(r['files'])} to {r['out']} ({r['k']} clusters, {r['faces']} faces)")
 
 
-@main.command()
+@click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="test_assignments.json to write.")
 @index_options
 @weights_option
 @json_option
-def assign(paths: tuple[str, ...], out: str, settings: Settings, weights: str | None, as_json: bool) -> None:
+def assign(paths: tuple[str, ...], out: str, settings: Settings, as_json: bool) -> None:
     """Assign the faces of other photos to the current cluster centers (the index is not changed)."""
-    from indexer.library import ClusterCommands
-
-    settings = with_overrides(settings, "embedder", weights=weights)
-    with _open(settings) as fi:
-        result = ClusterCommands(fi).assign(list(paths), out, progress=sys.stderr.isatty())
-    emit(result, as_json, lambda r: f"assigned {r['faces']} faces from {r['files']} files to {r['k']} clusters: "
-                                    f"{r['out']}" + (f" ({len(r['failures'])} files failed)" if r["failures"] else ""))
+    run(settings, lambda fi: fi.assign(list(paths), out, progress=sys.stderr.isatty()), as_json,
+        lambda r: f"assigned {r['faces']} faces from {r['files']} files to {r['k']} clusters: {r['out']}"
+                  + (f" ({len(r['failures'])} files failed)" if r["failures"] else ""))
 
 
-@main.command()
+@click.command()
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Folder to write into.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the gallery in a browser.")
 @index_options
 @json_option
 def report(out: str, open_browser: bool, settings: Settings, as_json: bool) -> None:
     """Plots (cluster sizes, t-SNE, PCA) and a browsable HTML gallery of the clusters."""
-    from indexer.library import ClusterCommands
-
-    with _open(settings) as fi:
-        result = ClusterCommands(fi).report(out, open_browser=open_browser)
-    emit(result, as_json, lambda r: f"wrote {r['index']} ({r['faces']} faces in {r['clusters']} clusters)")
+    run(settings, lambda fi: fi.report(out, open_browser=open_browser), as_json,
+        lambda r: f"wrote {r['index']} ({r['faces']} faces in {r['clusters']} clusters)")
 
 
-@main.group()
+@click.group()
 def people() -> None:
     """List, show, name and merge clusters (persons)."""
 
@@ -138,12 +103,8 @@ def people() -> None:
 @json_option
 def people_list(settings: Settings, as_json: bool) -> None:
     """Clusters with their names, sizes and cohesion (mean similarity to the center)."""
-    from indexer import clustering
-
-    with _open(settings) as fi:
-        rows = clustering.people(fi.store)
-    emit(rows, as_json, lambda rows: "\n".join(
-        f"#{r['id']:<5} {r['size']:>6} faces  cohesion {_fmt(r['cohesion'])}  {r['name']}" for r in rows))
+    run(settings, lambda fi: fi.people(), as_json, lambda rows: "\n".join(
+        f"#{r['id']:<5} {r['size']:>6} faces  cohesion {fmt(r['cohesion'])}  {r['name']}" for r in rows))
 
 
 @people.command("show")
@@ -152,11 +113,7 @@ def people_list(settings: Settings, as_json: bool) -> None:
 @json_option
 def people_show(cluster_id: int, settings: Settings, as_json: bool) -> None:
     """The faces of one cluster, most central first."""
-    from indexer import clustering
-
-    with _open(settings) as fi:
-        result = clustering.person(fi.store, cluster_id)
-    emit(result, as_json, lambda r: "\n".join(
+    run(settings, lambda fi: fi.person(cluster_id), as_json, lambda r: "\n".join(
         [f"#{r['id']} {r['name'] or '(unnamed)'}: {r['size']} faces"]
         + [f"  {f['similarity']:.3f}  #{f['face_id']:<6} {f['path']}" for f in r["faces"]]))
 
@@ -168,11 +125,8 @@ def people_show(cluster_id: int, settings: Settings, as_json: bool) -> None:
 @json_option
 def people_name(cluster_id: int, name: str, settings: Settings, as_json: bool) -> None:
     """Name a cluster (an empty NAME removes the name). Names survive reclustering."""
-    from indexer import clustering
-
-    with _open_edit(settings) as fi:
-        result = clustering.name(fi.store, cluster_id, name)
-    emit(result, as_json, lambda r: f"#{r['id']} is now {r['name']!r}")
+    run(settings, lambda fi: fi.name(cluster_id, name), as_json, lambda r: f"#{r['id']} is now {r['name']!r}",
+        mode="edit")
 
 
 @people.command("merge")
@@ -182,27 +136,21 @@ def people_name(cluster_id: int, name: str, settings: Settings, as_json: bool) -
 @json_option
 def people_merge(keep: int, other: int, settings: Settings, as_json: bool) -> None:
     """Merge cluster OTHER into KEEP (same person split in two)."""
-    from indexer import clustering
-
-    with _open_edit(settings) as fi:
-        result = clustering.merge(fi.store, keep, other)
-    emit(result, as_json, lambda r: f"merged #{r['merged']} into #{r['id']} ({r['size']} faces) {r['name']}")
+    run(settings, lambda fi: fi.merge(keep, other), as_json,
+        lambda r: f"merged #{r['merged']} into #{r['id']} ({r['size']} faces) {r['name']}", mode="edit")
 
 
-@main.command("eval")
+@click.command("eval")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--method", type=click.Choice(CLUSTER_METHODS),
-              default=None, help="Clustering method (default: cluster.method in config).")
+@method_option
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None, help="Cosine threshold (default: config).")
 @index_options
 @weights_option
 @json_option
-def evaluate(folder: str, method: str | None, threshold: float | None, settings: Settings, weights: str | None,
-             as_json: bool) -> None:
+def evaluate(folder: str, method: str | None, threshold: float | None, settings: Settings, as_json: bool) -> None:
     """Score clustering on a folder-per-person tree: pairwise and BCubed F1, NMI, ARI, clusters vs people."""
     from indexer.evaluate import evaluate_folder
 
-    settings = with_overrides(settings, "embedder", weights=weights)
     index_given = click.get_current_context().params.get("index_dir") is not None
     result = evaluate_folder(settings, folder, method=method, threshold=threshold, scratch=not index_given,
                              progress=sys.stderr.isatty())

@@ -1,4 +1,4 @@
-"""Clustering over the store: (re)cluster, stable ids, persons (names, merges), seed artefacts.
+"""Reclustering the store's faces into persons: compute on a snapshot, match stable ids, apply in one transaction.
 
 The algorithms are pure functions in ``indexer.cluster``; this module reads vectors from the store, runs them,
 matches the new clusters to the old ones (Hungarian on cosine, so ids and names survive), and writes the result in
@@ -9,7 +9,9 @@ result between two batches; faces committed meanwhile are assigned to the new ce
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +27,9 @@ from indexer.cluster import (
     match_ids,
 )
 from indexer.config import ClusterSettings
-from indexer.errors import ClusteringError, NotFoundError
-from indexer.store.clusters import Clustering, load_clustering, save_clustering
+from indexer.embedding import stack_vectors
+from indexer.errors import ClusteringError
+from indexer.persons.state import Clustering, load_clustering, save_clustering
 from indexer.store.lmdb_store import FaceStore
 
 log = logging.getLogger("faceindex.cluster")
@@ -135,9 +138,7 @@ def apply(store: FaceStore, computed: Computed, settings: ClusterSettings) -> Cl
 
 
 def _vectors(store: FaceStore, txn, ids: np.ndarray) -> np.ndarray:
-    if len(ids) == 0:
-        return np.zeros((0, 512), np.float32)
-    return np.stack([store.get_vector(int(i), txn) for i in ids])
+    return stack_vectors([store.get_vector(int(i), txn) for i in ids])
 
 
 def recluster(store: FaceStore, settings: ClusterSettings, method: str | None = None, k: int | str | None = None,
@@ -161,77 +162,68 @@ def due(store: FaceStore, settings: ClusterSettings, n_faces: int) -> bool:
             or time.time() - current.created >= settings.recluster_interval_s)
 
 
-# ---------------------------------------------------------------------------------------------------- persons
-def require_clustering(store: FaceStore) -> Clustering:
-    clustering = load_clustering(store)
-    if clustering is None or len(clustering.ids) == 0:
-        raise ClusteringError("no clusters yet; run `faceindex cluster` first")
-    return clustering
 
 
-def people(store: FaceStore) -> list[dict[str, Any]]:
-    clustering = require_clustering(store)
-    cohesion: dict[int, list[float]] = {int(i): [] for i in clustering.ids}
-    with store.read() as txn:
-        for face in store.iter_faces(txn):
-            if face.cluster in cohesion:
-                cohesion[face.cluster].append(face.similarity)
-    rows = [{"id": cid, "name": clustering.names.get(cid, ""), "size": len(sims),
-             "cohesion": round(float(np.mean(sims)), 4) if sims else None} for cid, sims in cohesion.items()]
-    return sorted(rows, key=lambda r: (-r["size"], r["id"]))
+class BackgroundRecluster:
+    """The daemon's reclustering: when ``due``, clusters a snapshot in a thread; applies it between two batches.
+
+    ``poll()`` is called by the daemon's loop between batches (cheap: one check per 2 s); ``poll(wait=True)``
+    starts a due recluster and waits for it (``watch --once``). ``on_applied`` runs after a result is written
+    (the daemon catches its vector index up).
+    """
+
+    CHECK_EVERY_S = 2.0
+
+    def __init__(self, store: FaceStore, settings: ClusterSettings,
+                 on_applied: Callable[[], None] = lambda: None) -> None:
+        self.store, self.settings, self.on_applied = store, settings, on_applied
+        self.job: ReclusterJob | None = None
+        self.checked = 0.0
+
+    def poll(self, wait: bool = False) -> None:
+        if self.job is None and not self._start_if_due(wait):
+            return
+        if wait:
+            self.job.join()
+        if self.job.is_alive():
+            return
+        job, self.job = self.job, None
+        if job.error is not None:
+            log.warning("recluster failed: %s", job.error)
+            return
+        result = apply(self.store, job.computed, self.settings)
+        self.on_applied()
+        log.info("reclustered %s: k=%d over %d faces in %.1f s", result.method, len(result.ids), result.n_faces,
+                 job.computed.seconds)
+
+    def _start_if_due(self, wait: bool) -> bool:
+        now = time.monotonic()
+        if not wait and now - self.checked < self.CHECK_EVERY_S:
+            return False
+        self.checked = now
+        if not due(self.store, self.settings, self.store.face_count()):
+            return False
+        self.job = ReclusterJob(self.store, self.settings)
+        self.job.start()
+        return True
 
 
-def person(store: FaceStore, cluster_id: int) -> dict[str, Any]:
-    clustering = require_clustering(store)
-    if cluster_id not in set(clustering.ids.tolist()):
-        raise NotFoundError(f"no cluster {cluster_id}; see `faceindex people list`")
-    with store.read() as txn:
-        faces = [f.to_dict() for f in store.iter_faces(txn) if f.cluster == cluster_id]
-    faces.sort(key=lambda f: -f["similarity"])
-    return {"id": cluster_id, "name": clustering.names.get(cluster_id, ""), "size": len(faces), "faces": faces}
+class ReclusterJob(threading.Thread):
+    """Clusters a snapshot of the store's vectors off the main loop (daemon thread: never delays shutdown)."""
 
+    def __init__(self, store: FaceStore, settings: ClusterSettings) -> None:
+        super().__init__(name="recluster", daemon=True)
+        self.settings = settings
+        self.previous = load_clustering(store)
+        self.ids, self.x = snapshot(store)
+        self.computed: Computed | None = None
+        self.error: Exception | None = None
 
-def name(store: FaceStore, cluster_id: int, new_name: str) -> dict[str, Any]:
-    def write(txn) -> dict[str, Any]:
-        clustering = load_clustering(store, txn)
-        if clustering is None or cluster_id not in set(clustering.ids.tolist()):
-            raise NotFoundError(f"no cluster {cluster_id}; see `faceindex people list`")
-        clustering.names[cluster_id] = new_name.strip()
-        if not clustering.names[cluster_id]:
-            clustering.names.pop(cluster_id)
-        save_clustering(store, txn, clustering)
-        return {"id": cluster_id, "name": new_name.strip()}
-
-    return store.transact(write)
-
-
-def merge(store: FaceStore, keep: int, other: int) -> dict[str, Any]:
-    """Fold cluster ``other`` into ``keep``: its faces move, the center becomes the mean of both, a name survives."""
-    if keep == other:
-        raise ClusteringError("cannot merge a cluster with itself")
-
-    def write(txn) -> dict[str, Any]:
-        clustering = load_clustering(store, txn)
-        ids = set(clustering.ids.tolist()) if clustering else set()
-        for cid in (keep, other):
-            if cid not in ids:
-                raise NotFoundError(f"no cluster {cid}; see `faceindex people list`")
-        members = [f for f in store.iter_faces(txn) if f.cluster in (keep, other)]
-        vectors = _vectors(store, txn, np.array([f.face_id for f in members]))
-        center = vectors.mean(axis=0)
-        center /= np.linalg.norm(center)
-        for face, vector in zip(members, vectors, strict=True):
-            store.set_face_cluster(txn, face.face_id, keep, float(vector @ center))
-        rows = clustering.ids != other
-        clustering.ids, clustering.centers = clustering.ids[rows], clustering.centers[rows]
-        clustering.centers[np.flatnonzero(clustering.ids == keep)[0]] = center
-        clustering.sizes[keep] = len(members)
-        clustering.sizes.pop(other, None)
-        other_name = clustering.names.pop(other, "")
-        if not clustering.names.get(keep) and other_name:
-            clustering.names[keep] = other_name
-        clustering.mapping.append(f"merged cluster {other} into {keep}")
-        save_clustering(store, txn, clustering)
-        return {"id": keep, "name": clustering.names.get(keep, ""), "size": len(members), "merged": other}
-
-    return store.transact(write)
+    def run(self) -> None:
+        prev = self.previous
+        try:
+            k = len(prev.ids) if prev.method == "kmeans" else None
+            self.computed = compute(self.ids, self.x, self.settings, method=prev.method, k=k,
+                                    threshold=prev.params.get("threshold"), previous=prev)
+        except Exception as exc:  # reported by the main loop; the daemon keeps indexing
+            self.error = exc

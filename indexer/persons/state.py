@@ -1,4 +1,4 @@
-"""The current clustering, persisted in the store: centers, stable ids, person names, metrics.
+"""The current clustering of faces into persons, persisted in the store: centers, stable ids, person names, metrics.
 
 Layout: meta key ``clustering`` holds the method, its parameters, when it ran, on how many faces, its scores and the
 id mapping of the last recluster; the ``clusters`` table maps a cluster id to its center (raw float32), size and
@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from indexer.config import ClusterSettings
+from indexer.embedding import stack_vectors
+from indexer.errors import ClusteringError
 from indexer.store.lmdb_store import FaceStore, from_u64, pack, u64, unpack
 
 
@@ -35,10 +37,6 @@ class Clustering:
                 "last_recluster": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
                 "named": len(self.names), "metrics": self.metrics}
 
-    def center_of(self, cluster_id: int) -> np.ndarray | None:
-        hit = np.flatnonzero(self.ids == cluster_id)
-        return self.centers[hit[0]] if len(hit) else None
-
 
 def load_clustering(store: FaceStore, txn=None) -> Clustering | None:
     if txn is None:
@@ -58,7 +56,7 @@ def load_clustering(store: FaceStore, txn=None) -> Clustering | None:
             names[cid] = rec["name"]
     return Clustering(
         method=meta["method"], params=meta.get("params", {}), ids=np.asarray(ids, dtype=np.int64),
-        centers=np.stack(centers) if centers else np.zeros((0, 512), np.float32), sizes=sizes, names=names,
+        centers=stack_vectors(centers), sizes=sizes, names=names,
         metrics=meta.get("metrics", {}), created=meta.get("created", 0.0), n_faces=meta.get("n_faces", 0),
         mapping=meta.get("mapping", []),
     )
@@ -86,9 +84,9 @@ def live_assigner(store: FaceStore, settings: ClusterSettings):
     It rereads the centers whenever the stored clustering changed (a recluster or a merge, maybe by another
     process), checked by a version number: one small read per batch.
     """
-    cache: dict[str, Any] = {"version": None, "ids": np.zeros(0, np.int64), "centers": np.zeros((0, 512), np.float32)}
+    from indexer.cluster import assign_to_centers  # here, not at the top: `status` should not load FAISS
 
-    from indexer.cluster import assign_to_centers
+    cache: dict[str, Any] = {"version": None, "ids": np.zeros(0, np.int64), "centers": stack_vectors([])}
 
     def assign(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with store.read() as txn:
@@ -101,3 +99,10 @@ def live_assigner(store: FaceStore, settings: ClusterSettings):
         return assign_to_centers(vectors, cache["centers"], settings.assign_min_similarity, ids=cache["ids"])
 
     return assign
+
+
+def require_clustering(store: FaceStore, txn=None) -> Clustering:
+    clustering = load_clustering(store, txn)
+    if clustering is None or len(clustering.ids) == 0:
+        raise ClusteringError("no clusters yet; run `faceindex cluster` first")
+    return clustering
