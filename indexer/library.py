@@ -22,13 +22,13 @@ from indexer.errors import IndexMismatchError, NotFoundError
 from indexer.fsutil import leftover_temp_files
 from indexer.store import lock as lock_mod
 from indexer.store.daemon import daemon_status
-from indexer.store.lmdb_store import FaceStore, store_exists
-from indexer.store.sync import SNAPSHOT, SyncedIndex
+from indexer.store.lmdb_store import SNAPSHOT_FILE, FaceStore, store_exists
 
 if TYPE_CHECKING:
     from indexer.models.detector import FaceDetector
     from indexer.models.embedder import FaceEmbedder
     from indexer.pipeline.runner import IngestSummary, Pipeline
+    from indexer.store.sync import SyncedIndex
 
 log = logging.getLogger("faceindex")
 
@@ -59,7 +59,7 @@ class FaceIndex:
             if mode is OpenMode.WRITE:
                 # A writer killed while saving a snapshot leaves its temp file; only a writer saves, and we hold
                 # the lock, so any temp file here is such a leftover.
-                for leftover in leftover_temp_files(self.dir / SNAPSHOT):
+                for leftover in leftover_temp_files(self.dir / SNAPSHOT_FILE):
                     leftover.unlink(missing_ok=True)
         except BaseException:
             self.close()
@@ -95,6 +95,8 @@ class FaceIndex:
 
     @cached_property
     def vectors(self) -> SyncedIndex:
+        from indexer.store.sync import SyncedIndex  # here: FAISS loads only for commands that search
+
         return SyncedIndex(self.store, self.settings.index)
 
     def _check_model(self) -> None:
@@ -106,15 +108,20 @@ class FaceIndex:
                 f"{self.embedder.fingerprint}; use --weights {stored.split(':')[0]} or a new --index"
             )
 
+    def models(self) -> tuple[FaceDetector, FaceEmbedder]:
+        """The detector and embedder, loaded now if they were not, checked against the index's model."""
+        self._check_model()
+        return self.detector, self.embedder
+
     def pipeline(self) -> Pipeline:
-        """The ingest pipeline over this index (its stop event is set by SIGINT/SIGTERM during ingest/watch)."""
+        """The ingest pipeline over this index (its stop event is set by SIGINT/SIGTERM during ingest/watch). The
+        models load when the first file needs them: an unchanged folder is answered without torch."""
         from indexer.persons.state import live_assigner
         from indexer.pipeline.faces import FaceStage
         from indexer.pipeline.runner import Pipeline
 
-        self._check_model()
-        return Pipeline(self.settings, self.store, self.vectors, FaceStage(self.settings, self.detector, self.embedder),
-                        self.embedder.fingerprint, assigner=live_assigner(self.store, self.settings.cluster))
+        return Pipeline(self.settings, self.store, self.vectors, FaceStage(self.settings, self.models),
+                        lambda: self.embedder.fingerprint, assigner=live_assigner(self.store, self.settings.cluster))
 
     # ------------------------------------------------------------------ indexing
     def ingest(self, paths: list[str | Path], progress: bool = True) -> IngestSummary:
@@ -123,7 +130,7 @@ class FaceIndex:
 
         candidates = list(scan(paths, self.settings.ingest.extensions, self.settings.watch.ignore))
         with self.pipeline() as pipeline:
-            restore = trap_stop_signals(pipeline.stop)
+            restore = trap_stop_signals(pipeline.stop, self.settings.ingest.stop_grace_s)
             try:
                 return pipeline.ingest(candidates, progress=progress)
             finally:
@@ -138,7 +145,7 @@ class FaceIndex:
         pipeline = self.pipeline()
         recluster = BackgroundRecluster(self.store, self.settings.cluster, on_applied=pipeline.index.catch_up)
         watcher = Watcher(pipeline, root, once=once, on_idle=lambda wait: recluster.poll(wait))
-        restore = trap_stop_signals(pipeline.stop)
+        restore = trap_stop_signals(pipeline.stop, self.settings.ingest.stop_grace_s)
         try:
             return watcher.run()
         finally:
@@ -228,14 +235,39 @@ class FaceIndex:
         return people.person(self.store, cluster_id)
 
     def name(self, cluster_id: int, name: str) -> dict[str, Any]:
-        from indexer.persons import people
+        from indexer.persons import edits
 
-        return people.name(self.store, cluster_id, name)
+        return edits.name(self.store, self.settings.cluster, cluster_id, name)
 
     def merge(self, keep: int, other: int) -> dict[str, Any]:
-        from indexer.persons import people
+        from indexer.persons import edits
 
-        return people.merge(self.store, keep, other)
+        return edits.merge(self.store, self.settings.cluster, keep, other)
+
+    def remove_faces(self, cluster_id: int, face_ids: list[int]) -> dict[str, Any]:
+        from indexer.persons import edits
+
+        return edits.remove(self.store, self.settings.cluster, cluster_id, face_ids)
+
+    def move_faces(self, face_ids: list[int], cluster_id: int) -> dict[str, Any]:
+        from indexer.persons import edits
+
+        return edits.move(self.store, self.settings.cluster, face_ids, cluster_id)
+
+    def ignore_faces(self, face_ids: list[int], ignored: bool = True) -> dict[str, Any]:
+        from indexer.persons import edits
+
+        return edits.ignore(self.store, self.settings.cluster, face_ids, ignored)
+
+    def undo(self) -> dict[str, Any]:
+        from indexer.persons import edits
+
+        return edits.undo(self.store, self.settings.cluster)
+
+    def history(self) -> list[dict[str, Any]]:
+        from indexer.persons import edits
+
+        return edits.edit_history(self.store)
 
     def export(self, out: str | Path) -> dict[str, Any]:
         from indexer.persons.artefacts import export

@@ -11,7 +11,7 @@ import pytest
 from indexer.pipeline.read import FileReadError, read_regular_file
 from indexer.pipeline.records import ReadItem, Twin, Verdict, classify
 from indexer.pipeline.runner import dedupe_batch
-from indexer.store.lmdb_store import FileRecord
+from indexer.store.records import FileRecord
 
 SHA, OTHER = "a" * 64, "b" * 64
 

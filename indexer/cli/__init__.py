@@ -1,8 +1,9 @@
 """The ``faceindex`` command line: each command parses, makes one library call, prints (text or --json).
 
-``options`` holds what commands share; ``index_commands`` (ingest, watch, query, status, models) and
-``people_commands`` (cluster, export, assign, report, people, eval) hold the commands, which are put together on
-the ``main`` group here. Nothing heavy is imported until a command runs, so ``--help`` answers at once.
+``options`` holds what commands share; ``index_commands`` (ingest, watch, query, status, models),
+``cluster_commands`` (cluster, export, assign, report, eval) and ``people_commands`` (the people group) hold the
+commands, which are put together on the ``main`` group here. Nothing heavy is imported until a command runs, so
+``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import click
 
-from indexer.cli import index_commands, people_commands
+from indexer.cli import cluster_commands, index_commands, people_commands
 from indexer.cli.options import FaceIndexGroup
 
 
@@ -32,6 +33,6 @@ def main(verbose: bool) -> None:
 
 
 for _command in (index_commands.ingest, index_commands.watch, index_commands.query, index_commands.status,
-                 index_commands.models, people_commands.cluster, people_commands.export, people_commands.assign,
-                 people_commands.report, people_commands.people, people_commands.evaluate):
+                 index_commands.models, cluster_commands.cluster, cluster_commands.export, cluster_commands.assign,
+                 cluster_commands.report, cluster_commands.evaluate, people_commands.people):
     main.add_command(_command)

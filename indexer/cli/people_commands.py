@@ -1,108 +1,28 @@
-"""``faceindex`` commands about clusters and people: cluster, export, assign, report, people, eval.
+"""``faceindex people``: see, name and correct persons. Every edit is the user's word: each recluster obeys it.
 
-The same rules as the index commands: parse, one library call, print (text or --json).
+The same rules as the other commands: parse, one library call, print (text or --json).
 """
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 
 import click
 
-from indexer.cli.options import emit, fmt, index_options, json_option, method_option, open_index, run, weights_option
+from indexer.cli.options import fmt, index_options, json_option, run
 from indexer.config import Settings
-
-
-def parse_k(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a number nor 'auto'", param_hint="--k") from None
-    if k < 1:
-        raise click.BadParameter("k must be >= 1", param_hint="--k")
-    return k
-
-
-@click.command()
-@method_option
-@click.option("--k", "k", default=None, help="K-Means only: number of clusters, or 'auto' (silhouette).")
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
-              help="Cosine threshold for the graph / linkage methods (default: config).")
-@index_options
-@json_option
-def cluster(method: str | None, k: str | None, threshold: float | None, settings: Settings, as_json: bool) -> None:
-    """(Re)cluster the indexed faces now; cluster ids and names are kept across reclusterings."""
-    k_value = parse_k(k)
-    if k_value is not None and (method or settings.cluster.method) != "kmeans":
-        raise click.UsageError("--k applies to --method kmeans only")
-    with open_index(settings, "edit") as fi:
-        result = fi.cluster(method, k_value, threshold)
-    emit(result, as_json, _cluster_text)
-
-
-def _cluster_text(r: dict) -> str:
-    m = r["metrics"]
-    lines = []
-    if r.get("k_table"):
-        lines.append("   k    inertia  silhouette")
-        lines += [f"  {row['k']:>3}  {row['inertia']:>9.1f}  {fmt(row['silhouette'])}" for row in r["k_table"]]
-    lines.append(f"{r['method']}: {r['k']} clusters over {r['n_faces']} faces ({r['unassigned']} unassigned) "
-                 f"in {r['seconds']} s")
-    lines.append(f"silhouette {fmt(m.get('silhouette'))} (on {m.get('silhouette_sample', 0)} faces), "
-                 f"Davies-Bouldin {fmt(m.get('davies_bouldin'))}, "
-                 f"Calinski-Harabasz {fmt(m.get('calinski_harabasz'))}")
-    kept = sum(1 for line in r["mapping"] if "keeps id" in line)
-    if kept:
-        lines.append(f"{kept} clusters kept their id (see --json for the mapping)")
-    return "\n".join(lines)
-
-
-@click.command()
-@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Folder to write into.")
-@index_options
-@json_option
-def export(out: str, settings: Settings, as_json: bool) -> None:
-    """Write cluster_centers.npy, train_assignments.json and metrics.json."""
-    run(settings, lambda fi: fi.export(out), as_json,
-        lambda r: f"wrote {', '.join(r['files'])} to {r['out']} ({r['k']} clusters, {r['faces']} faces)")
-
-
-@click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="test_assignments.json to write.")
-@index_options
-@weights_option
-@json_option
-def assign(paths: tuple[str, ...], out: str, settings: Settings, as_json: bool) -> None:
-    """Assign the faces of other photos to the current cluster centers (the index is not changed)."""
-    run(settings, lambda fi: fi.assign(list(paths), out, progress=sys.stderr.isatty()), as_json,
-        lambda r: f"assigned {r['faces']} faces from {r['files']} files to {r['k']} clusters: {r['out']}"
-                  + (f" ({len(r['failures'])} files failed)" if r["failures"] else ""))
-
-
-@click.command()
-@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Folder to write into.")
-@click.option("--open", "open_browser", is_flag=True, help="Open the gallery in a browser.")
-@index_options
-@json_option
-def report(out: str, open_browser: bool, settings: Settings, as_json: bool) -> None:
-    """Plots (cluster sizes, t-SNE, PCA) and a browsable HTML gallery of the clusters."""
-    run(settings, lambda fi: fi.report(out, open_browser=open_browser), as_json,
-        lambda r: f"wrote {r['index']} ({r['faces']} faces in {r['clusters']} clusters)")
 
 
 @click.group()
 def people() -> None:
-    """List, show, name and merge clusters (persons)."""
+    """See, name and correct persons; every recluster keeps what you say here."""
 
 
 @people.command("list")
 @index_options
 @json_option
 def people_list(settings: Settings, as_json: bool) -> None:
-    """Clusters with their names, sizes and cohesion (mean similarity to the center)."""
+    """Persons with their names, sizes and cohesion (mean similarity to the center); ignored faces left out."""
     run(settings, lambda fi: fi.people(), as_json, lambda rows: "\n".join(
         f"#{r['id']:<5} {r['size']:>6} faces  cohesion {fmt(r['cohesion'])}  {r['name']}" for r in rows))
 
@@ -112,10 +32,11 @@ def people_list(settings: Settings, as_json: bool) -> None:
 @index_options
 @json_option
 def people_show(cluster_id: int, settings: Settings, as_json: bool) -> None:
-    """The faces of one cluster, most central first."""
+    """The faces of one person, most central first; [x] marks those you confirmed."""
     run(settings, lambda fi: fi.person(cluster_id), as_json, lambda r: "\n".join(
         [f"#{r['id']} {r['name'] or '(unnamed)'}: {r['size']} faces"]
-        + [f"  {f['similarity']:.3f}  #{f['face_id']:<6} {f['path']}" for f in r["faces"]]))
+        + [f"  {'[x]' if f['confirmed'] else '[ ]'} {f['similarity']:.3f}  #{f['face_id']:<6} {f['path']}"
+           for f in r["faces"]]))
 
 
 @people.command("name")
@@ -124,9 +45,8 @@ def people_show(cluster_id: int, settings: Settings, as_json: bool) -> None:
 @index_options
 @json_option
 def people_name(cluster_id: int, name: str, settings: Settings, as_json: bool) -> None:
-    """Name a cluster (an empty NAME removes the name). Names survive reclustering."""
-    run(settings, lambda fi: fi.name(cluster_id, name), as_json, lambda r: f"#{r['id']} is now {r['name']!r}",
-        mode="edit")
+    """Name person ID (an empty NAME removes the name); its faces become confirmed and stay with it."""
+    run(settings, lambda fi: fi.name(cluster_id, name), as_json, _edited("#{id} is now {name!r}"), mode="edit")
 
 
 @people.command("merge")
@@ -135,32 +55,76 @@ def people_name(cluster_id: int, name: str, settings: Settings, as_json: bool) -
 @index_options
 @json_option
 def people_merge(keep: int, other: int, settings: Settings, as_json: bool) -> None:
-    """Merge cluster OTHER into KEEP (same person split in two)."""
+    """OTHER is the same person as KEEP: their faces stay together under KEEP from now on."""
     run(settings, lambda fi: fi.merge(keep, other), as_json,
-        lambda r: f"merged #{r['merged']} into #{r['id']} ({r['size']} faces) {r['name']}", mode="edit")
+        _edited("merged #{merged} into #{id} ({size} faces) {name}"), mode="edit")
 
 
-@click.command("eval")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@method_option
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=None, help="Cosine threshold (default: config).")
+
+
+def _edited(text: str) -> Callable[[dict], str]:
+    """The text of an edit's result: what it did, then what it overrode."""
+    def render(r: dict) -> str:
+        return "\n".join([text.format(**r)] + [f"  overrode: {o}" for o in r["overrode"]])
+
+    return render
+
+
+@people.command("remove")
+@click.argument("cluster_id", type=int)
+@click.argument("face_ids", type=int, nargs=-1, required=True)
 @index_options
-@weights_option
 @json_option
-def evaluate(folder: str, method: str | None, threshold: float | None, settings: Settings, as_json: bool) -> None:
-    """Score clustering on a folder-per-person tree: pairwise and BCubed F1, NMI, ARI, clusters vs people."""
-    from indexer.evaluate import evaluate_folder
-
-    index_given = click.get_current_context().params.get("index_dir") is not None
-    result = evaluate_folder(settings, folder, method=method, threshold=threshold, scratch=not index_given,
-                             progress=sys.stderr.isatty())
-    emit(result, as_json, _eval_text)
+def people_remove(cluster_id: int, face_ids: tuple[int, ...], settings: Settings, as_json: bool) -> None:
+    """These faces are not person ID: they leave it and never rejoin it."""
+    run(settings, lambda fi: fi.remove_faces(cluster_id, list(face_ids)), as_json,
+        _edited("removed {removed} from #{id}"), mode="edit")
 
 
-def _eval_text(r: dict) -> str:
-    return (f"{r['method']} on {r['n_faces']} labelled faces of {r['n_people']} people: "
-            f"{r['n_clusters']} clusters\n"
-            f"pairwise precision {r['pairwise_precision']:.4f} recall {r['pairwise_recall']:.4f} "
-            f"F1 {r['pairwise_f1']:.4f}\n"
-            f"BCubed precision {r['bcubed_precision']:.4f} recall {r['bcubed_recall']:.4f} F1 {r['bcubed_f1']:.4f}\n"
-            f"NMI {r['nmi']:.4f}  ARI {r['ari']:.4f}  photos without a detected face: {r['files_without_face']}")
+@people.command("move")
+@click.argument("face_ids", type=int, nargs=-1, required=True)
+@click.option("--to", "cluster_id", type=int, required=True, help="The person these faces are.")
+@index_options
+@json_option
+def people_move(face_ids: tuple[int, ...], cluster_id: int, settings: Settings, as_json: bool) -> None:
+    """These faces are person --to ID: confirmed there, they stay with it."""
+    run(settings, lambda fi: fi.move_faces(list(face_ids), cluster_id), as_json,
+        _edited("moved {moved} to #{id}"), mode="edit")
+
+
+@people.command("ignore")
+@click.argument("face_ids", type=int, nargs=-1, required=True)
+@index_options
+@json_option
+def people_ignore(face_ids: tuple[int, ...], settings: Settings, as_json: bool) -> None:
+    """Not a person worth keeping (a stranger, a poster): never assigned, left out of lists, gallery and scores."""
+    run(settings, lambda fi: fi.ignore_faces(list(face_ids)), as_json, _edited("ignored {ignored}"), mode="edit")
+
+
+@people.command("unignore")
+@click.argument("face_ids", type=int, nargs=-1, required=True)
+@index_options
+@json_option
+def people_unignore(face_ids: tuple[int, ...], settings: Settings, as_json: bool) -> None:
+    """Undo `people ignore` for these faces: they are clustered again."""
+    run(settings, lambda fi: fi.ignore_faces(list(face_ids), ignored=False), as_json,
+        _edited("unignored {unignored}"), mode="edit")
+
+
+@people.command("undo")
+@index_options
+@json_option
+def people_undo(settings: Settings, as_json: bool) -> None:
+    """Take the last edit back (name, merge, remove, move, ignore, unignore)."""
+    run(settings, lambda fi: fi.undo(), as_json,
+        lambda r: f"undid edit {r['undone']['seq']}: {r['undone']['op']} {r['undone']['args']}", mode="edit")
+
+
+@people.command("history")
+@index_options
+@json_option
+def people_history(settings: Settings, as_json: bool) -> None:
+    """The edits, oldest first (what `people undo` walks back)."""
+    run(settings, lambda fi: fi.history(), as_json, lambda rows: "\n".join(
+        f"{r['seq']:>4}  {r['time']}  {r['op']:<9} {r['args']}"
+        + "".join(f"\n      overrode: {o}" for o in r["overrode"]) for r in rows) or "no edits yet")

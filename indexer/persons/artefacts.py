@@ -18,6 +18,7 @@ from indexer.cluster import assign_to_centers
 from indexer.embedding import stack_vectors
 from indexer.fsutil import atomic_write
 from indexer.persons.state import Clustering, require_clustering
+from indexer.persons.word import load_word
 from indexer.store.lmdb_store import FaceStore
 
 if TYPE_CHECKING:
@@ -88,13 +89,17 @@ def assign(store: FaceStore, faces: list[tuple[str, dict[str, Any], np.ndarray]]
 
 
 def report_faces(store: FaceStore) -> tuple[Clustering, list[ReportFace], np.ndarray]:
-    """The clustering, every face as a report record, and their vectors (rows aligned), for ``indexer.report``."""
+    """The clustering, every face but the ignored ones as a report record, and their vectors (rows aligned), for
+    ``indexer.report``."""
     from indexer.report.gallery import ReportFace  # here: matplotlib loads with the report package
 
     clustering = require_clustering(store)
     faces, vectors = [], []
     with store.read() as txn:
+        ignored = {f for f, w in load_word(store, txn).faces.items() if w.ignored}
         for f in store.iter_faces(txn):
+            if f.face_id in ignored:
+                continue
             faces.append(ReportFace(face_id=f.face_id, path=f.path, box=tuple(f.box), cluster=f.cluster,
                                     similarity=f.similarity, thumbnail=store.get_thumbnail(f.face_id, txn)))
             vectors.append(store.get_vector(f.face_id, txn))

@@ -29,7 +29,9 @@ from indexer.cluster import (
 from indexer.config import ClusterSettings
 from indexer.embedding import stack_vectors
 from indexer.errors import ClusteringError
-from indexer.persons.state import Clustering, load_clustering, save_clustering
+from indexer.persons.apply import next_person_id, rederive
+from indexer.persons.state import Clustering, load_clustering
+from indexer.persons.word import load_word
 from indexer.store.lmdb_store import FaceStore
 
 log = logging.getLogger("faceindex.cluster")
@@ -52,8 +54,12 @@ class Computed:
 
 
 def snapshot(store: FaceStore) -> tuple[np.ndarray, np.ndarray]:
+    """(face ids, vectors) to cluster: every face but those the user ignored."""
     with store.read() as txn:
-        return store.all_vectors(txn)
+        ids, x = store.all_vectors(txn)
+        ignored = {f for f, w in load_word(store, txn).faces.items() if w.ignored}
+    keep = ~np.isin(ids, list(ignored)) if ignored else np.ones(len(ids), bool)
+    return ids[keep], x[keep]
 
 
 def compute(ids: np.ndarray, x: np.ndarray, settings: ClusterSettings, method: str | None = None,
@@ -100,36 +106,42 @@ def compute(ids: np.ndarray, x: np.ndarray, settings: ClusterSettings, method: s
     return Computed(method, params, ids, labels, sims, centers, metrics, table, time.perf_counter() - started)
 
 
+def _stable_ids(store: FaceStore, txn, previous: Clustering | None, centers: np.ndarray) -> tuple[np.ndarray, list]:
+    """Ids for new clusters: an old person's id when their centers match (names and edits follow), else an id
+    never used before in this index."""
+    if previous is not None and len(previous.ids) and len(centers):
+        ids, mapping = match_ids(previous.centers, previous.ids, centers, min_similarity=ID_MATCH_MIN_SIMILARITY)
+        fresh = ~np.isin(ids, previous.ids)
+    else:
+        ids = np.arange(len(centers), dtype=np.int64)
+        mapping = [f"new cluster {i} gets fresh id {i} (first clustering)" for i in range(len(ids))]
+        fresh = np.ones(len(ids), bool)
+    first = next_person_id(store, txn, previous.ids if previous is not None else [])
+    for n, row in enumerate(np.flatnonzero(fresh).tolist()):
+        mapping[row] = mapping[row].replace(f"fresh id {ids[row]}", f"fresh id {first + n}")
+        ids[row] = first + n
+    return ids, mapping
+
+
 def apply(store: FaceStore, computed: Computed, settings: ClusterSettings) -> Clustering:
-    """Match ids to the stored clustering, write clusters and every face's assignment in one transaction."""
+    """Match ids to the stored persons, record each face's suggested person, then apply the user's word
+    (persons/apply.py), all in one transaction."""
     def write(txn) -> Clustering:
         previous = load_clustering(store, txn)
-        if previous is not None and len(previous.ids) and len(computed.centers):
-            new_ids, mapping = match_ids(previous.centers, previous.ids, computed.centers,
-                                         min_similarity=ID_MATCH_MIN_SIMILARITY)
-        else:
-            new_ids = np.arange(len(computed.centers), dtype=np.int64)
-            mapping = [f"new cluster {i} gets id {i} (first clustering)" for i in range(len(new_ids))]
-        names = {int(i): previous.names[int(i)] for i in new_ids if previous and int(i) in previous.names}
-        assigned = computed.labels >= 0
-        cluster_of = np.where(assigned, new_ids[np.maximum(computed.labels, 0)] if len(new_ids) else -1, -1)
-        for face_id, cluster, sim in zip(computed.face_ids.tolist(), cluster_of.tolist(),
-                                         computed.similarity.tolist(), strict=True):
-            store.set_face_cluster(txn, face_id, cluster, sim)
-        # Faces committed after the snapshot (the daemon kept ingesting): assign them to the new centers.
-        known = set(computed.face_ids.tolist())
-        late = [f.face_id for f in store.iter_faces(txn) if f.face_id not in known]
+        new_ids, mapping = _stable_ids(store, txn, previous, computed.centers)
+        rows = computed.labels
+        suggested = dict(zip(computed.face_ids.tolist(), np.where(rows >= 0, new_ids[np.maximum(rows, 0)]
+                                                                  if len(new_ids) else -1, -1).tolist(),
+                             strict=True))
+        # Faces committed after the snapshot (the daemon kept ingesting): their nearest new center suggests.
+        late = [f.face_id for f in store.iter_faces(txn) if f.face_id not in suggested]
         if late and len(new_ids):
-            labels, late_sims = assign_to_centers(_vectors(store, txn, np.asarray(late)), computed.centers,
-                                                  settings.assign_min_similarity, ids=new_ids)
-            for face_id, cluster, sim in zip(late, labels.tolist(), late_sims.tolist(), strict=True):
-                store.set_face_cluster(txn, face_id, cluster, sim)
-        sizes = {int(i): int((cluster_of == i).sum()) for i in new_ids}
-        clustering = Clustering(method=computed.method, params=computed.params, ids=new_ids,
-                                centers=computed.centers, sizes=sizes, names=names, metrics=computed.metrics,
-                                n_faces=len(computed.face_ids) + len(late), mapping=mapping)
-        save_clustering(store, txn, clustering)
-        return clustering
+            labels, _ = assign_to_centers(_vectors(store, txn, np.asarray(late)), computed.centers,
+                                          settings.assign_min_similarity, ids=new_ids)
+            suggested.update(zip(late, labels.tolist(), strict=True))
+        base = Clustering(method=computed.method, params=computed.params, ids=new_ids, centers=computed.centers,
+                          metrics=computed.metrics, mapping=mapping)
+        return rederive(store, txn, settings, base, suggested=suggested)
 
     clustering = store.transact(write)
     for line in clustering.mapping:
@@ -147,7 +159,7 @@ def recluster(store: FaceStore, settings: ClusterSettings, method: str | None = 
     computed = compute(ids, x, settings, method, k, threshold, previous=load_clustering(store))
     clustering = apply(store, computed, settings)
     return {**clustering.summary(), "seconds": round(computed.seconds, 2), "k_table": computed.k_table,
-            "mapping": clustering.mapping, "unassigned": int((computed.labels < 0).sum())}
+            "mapping": clustering.mapping, "unassigned": clustering.n_faces - sum(clustering.sizes.values())}
 
 
 def due(store: FaceStore, settings: ClusterSettings, n_faces: int) -> bool:

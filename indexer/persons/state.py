@@ -16,7 +16,8 @@ import numpy as np
 from indexer.config import ClusterSettings
 from indexer.embedding import stack_vectors
 from indexer.errors import ClusteringError
-from indexer.store.lmdb_store import FaceStore, from_u64, pack, u64, unpack
+from indexer.store.lmdb_store import FaceStore
+from indexer.store.records import from_u64, pack, u64, unpack
 
 
 @dataclass

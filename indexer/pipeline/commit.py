@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 from indexer.pipeline.records import FaceItem, ReadItem, Twin, Verdict, classify, record_for
-from indexer.store.lmdb_store import FaceStore, FileRecord
+from indexer.store.lmdb_store import FaceStore
+from indexer.store.records import FileRecord
 
 
 class Committer:
     """``store.transact(committer, face_items)`` -> (counts by outcome, failures). Runs inside the caller's txn."""
 
-    def __init__(self, store: FaceStore, fingerprint: str) -> None:
+    def __init__(self, store: FaceStore, fingerprint: Callable[[], str]) -> None:
         self.store = store
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint  # asked only when new vectors are committed: the models are loaded then
 
     def __call__(self, txn, face_items: list[FaceItem]) -> tuple[Counter, list[dict[str, str]]]:
-        self.store.check_model(self.fingerprint, txn)
+        if any(fi.faces and fi.read.verdict.needs_faces for fi in face_items):
+            self.store.check_model(self.fingerprint(), txn)
         counts: Counter = Counter()
         failures = []
         for fi in face_items:

@@ -5,19 +5,24 @@ from __future__ import annotations
 import io
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image
 
 from indexer.config import Settings
 from indexer.embedding import stack_vectors
-from indexer.images import DecodedImage
-from indexer.models.detector import DetectedFace, FaceDetector
-from indexer.models.embedder import FaceEmbedder
 from indexer.pipeline.records import FaceItem, ReadItem
-from indexer.store.lmdb_store import NewFace
+from indexer.store.records import NewFace
+
+if TYPE_CHECKING:
+    from indexer.images import DecodedImage
+    from indexer.models.detector import DetectedFace, FaceDetector
+    from indexer.models.embedder import FaceEmbedder
+
+# Builds (detector, embedder) on first use: a run with nothing new to embed never loads torch.
+ModelLoader = Callable[[], "tuple[FaceDetector, FaceEmbedder]"]
 
 
 class StageTimer:
@@ -34,24 +39,46 @@ class StageTimer:
 
 
 class FaceStage:
-    """Detect, crop, embed and thumbnail the faces of the items that need them; the others pass through."""
+    """Detect, crop, embed and thumbnail the faces of the items that need them; the others pass through.
 
-    def __init__(self, settings: Settings, detector: FaceDetector, embedder: FaceEmbedder) -> None:
+    The models come from ``models`` on first use (in the process that runs the stage), so the stage itself holds
+    only settings and a loader until then.
+    """
+
+    def __init__(self, settings: Settings, models: ModelLoader) -> None:
         self.thumbnail_size = settings.ingest.thumbnail_size
-        self.detector = detector
-        self.embedder = embedder
+        self._load = models
+        self._models: tuple[FaceDetector, FaceEmbedder] | None = None
+
+    @property
+    def detector(self) -> FaceDetector:
+        return self.models()[0]
+
+    @property
+    def embedder(self) -> FaceEmbedder:
+        return self.models()[1]
+
+    def models(self) -> tuple[FaceDetector, FaceEmbedder]:
+        if self._models is None:
+            self._models = self._load()
+        return self._models
 
     def warm_up(self) -> None:
         """One tiny forward pass through both models, so the first photo of a trickle is not also paying for
         torch's lazy initialisation (measured: several seconds of extra latency on the first file)."""
+        import torch
+        from PIL import Image
+
         self.detector.detect([Image.new("RGB", (64, 64))])
         self.embedder.embed(torch.zeros(1, 3, 160, 160))
 
     def __call__(self, items: list[ReadItem], timer: StageTimer | None = None) -> list[FaceItem]:
         timer = timer or StageTimer()
         todo = [i for i, it in enumerate(items) if it.needs_faces]
+        if not todo:
+            return [FaceItem(it) for it in items]
         started = time.perf_counter()
-        detections = self.detector.detect([items[i].image for i in todo]) if todo else []
+        detections = self.detector.detect([items[i].image for i in todo])
         timer.add("detect", started)
         started = time.perf_counter()
         crops, owners = [], []

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from indexer.images import DecodedImage
-from indexer.store.lmdb_store import FileRecord, NewFace
+from indexer.store.records import FileRecord, NewFace
 
 REUSABLE = ("indexed", "no_face")  # a stored file in one of these states has faces (or none) worth reusing
 

@@ -148,7 +148,8 @@ class Pipeline:
     """The stages for one index, run one batch at a time; ``close`` (or ``with``) saves the index."""
 
     def __init__(self, settings: Settings, store: FaceStore, index: SyncedIndex, faces: FaceStage,
-                 fingerprint: str, assigner: Assigner | None = None, stop: threading.Event | None = None) -> None:
+                 fingerprint: Callable[[], str], assigner: Assigner | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.store = store
         self.index = index

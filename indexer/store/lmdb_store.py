@@ -12,98 +12,32 @@ nothing and a reader never sees a stale answer.
 
 from __future__ import annotations
 
-import os
-import struct
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lmdb
-import msgpack
 import numpy as np
 
 from indexer.embedding import EMBEDDING_DIM as DIM
 from indexer.errors import IndexMismatchError, NotFoundError
+from indexer.store.records import FaceRecord, FileRecord, NewFace, from_u64, pack, path_key, u64, unpack
 
-SCHEMA_VERSION = 1
+# 2: the user's word about persons (tables word, names, history) and each face's suggested person. A version 1
+# index is read as it is and upgraded by the first writer (the new tables start empty).
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 STORE_DIR = "store.lmdb"
-_DBS = ("meta", "files", "sha", "faces", "vectors", "thumbs", "log", "clusters")
+SNAPSHOT_FILE = "vectors.faiss"  # beside it: the FAISS snapshot (indexer/store/sync.py)
+_DBS = ("meta", "files", "sha", "faces", "vectors", "thumbs", "log", "clusters", "word", "names", "history")
+_SINCE_SCHEMA_2 = ("word", "names", "history")  # absent from a version 1 index until a writer opens it
 _INITIAL_MAP = 1 << 30      # 1 GiB; sparse on Linux, doubled whenever a transaction fills it
-_U64 = struct.Struct(">Q")  # big-endian so LMDB's byte order is numeric order
-
-
-def u64(n: int) -> bytes:
-    return _U64.pack(n)
-
-
-def from_u64(b: bytes) -> int:
-    return _U64.unpack(b)[0]
-
-
-def pack(obj: Any) -> bytes:
-    # surrogateescape: a file name that is not valid UTF-8 (Latin-1 bytes from an old archive) reaches Python as a
-    # str with surrogates (os.fsdecode); it is stored as its original bytes and read back as the same str.
-    return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
-
-
-def unpack(b: bytes) -> Any:
-    return msgpack.unpackb(b, raw=False, unicode_errors="surrogateescape")
-
-
-def path_key(path: str) -> bytes:
-    """A file's key: its path as the bytes the filesystem holds (any name, UTF-8 or not)."""
-    return os.fsencode(path)
 
 
 def store_exists(index_dir: str | Path) -> bool:
     return (Path(index_dir) / STORE_DIR / "data.mdb").is_file()
-
-
-@dataclass
-class FileRecord:
-    path: str
-    size: int
-    mtime_ns: int
-    sha256: str
-    status: str                 # indexed | no_face | failed
-    reason: str = ""
-    face_ids: list[int] = field(default_factory=list)
-    indexed_at: float = 0.0
-    width: int = 0              # pixels of the oriented image (0 when it could not be decoded)
-    height: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-
-@dataclass
-class FaceRecord:
-    face_id: int
-    path: str
-    box: list[float]
-    prob: float
-    landmarks: list[list[float]]
-    cluster: int = -1
-    similarity: float = float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-
-@dataclass
-class NewFace:
-    """A face to commit: its record fields (without id), its vector and its thumbnail."""
-
-    box: list[float]
-    prob: float
-    landmarks: list[list[float]]
-    vector: np.ndarray
-    thumbnail: bytes
-    cluster: int = -1
-    similarity: float = float("nan")
 
 
 class FaceStore:
@@ -118,25 +52,35 @@ class FaceStore:
         self.readonly = readonly
         self.env = lmdb.open(str(path), map_size=_INITIAL_MAP, max_dbs=len(_DBS), readonly=readonly,
                              lock=True, readahead=False, meminit=False)
-        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS} if not readonly \
-            else {name: self._open_existing(name) for name in _DBS}
-        if not readonly:
-            with self.write() as txn:
-                if txn.get(b"schema", db=self.db["meta"]) is None:
-                    txn.put(b"schema", pack(SCHEMA_VERSION), db=self.db["meta"])
-                    txn.put(b"created", pack(time.time()), db=self.db["meta"])
+        self.db = {name: self.env.open_db(name.encode(), create=True) for name in _DBS} if not readonly \
+            else {name: db for name in _DBS if (db := self._open_existing(name)) is not None}
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        """Refuse an index of a newer faceindex; upgrade a readable older one when opened for writing."""
         version = self.get_meta("schema")
-        if version != SCHEMA_VERSION:
+        if version is not None and version not in READABLE_SCHEMAS:
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
             raise IndexMismatchError(
-                f"index {self.index_dir} has schema version {version}, this faceindex reads {SCHEMA_VERSION}; "
-                "re-ingest into a new --index"
-            )
+                f"index {self.index_dir} has schema version {version}, this faceindex reads up to "
+                f"{SCHEMA_VERSION}; " + ("upgrade faceindex to open it" if newer else "re-ingest into a new --index"))
+        if not self.readonly and version != SCHEMA_VERSION:
+            with self.write() as txn:
+                if version is None:
+                    txn.put(b"created", pack(time.time()), db=self.db["meta"])
+                txn.put(b"schema", pack(SCHEMA_VERSION), db=self.db["meta"])
 
     def _open_existing(self, name: str):
         try:
             return self.env.open_db(name.encode(), create=False)
         except lmdb.NotFoundError:
+            if name in _SINCE_SCHEMA_2:
+                return None
             raise NotFoundError(f"{self.index_dir} is not a faceindex index (no '{name}' table)") from None
+
+    def has_table(self, name: str) -> bool:
+        """False only for a table a version 1 index opened read-only does not have yet (read it as empty)."""
+        return name in self.db
 
     def close(self) -> None:
         self.env.close()
@@ -315,11 +259,9 @@ class FaceStore:
         raw = self._get("faces", u64(face_id), txn)
         return None if raw is None else FaceRecord(**unpack(raw))
 
-    def set_face_cluster(self, txn: lmdb.Transaction, face_id: int, cluster: int, similarity: float) -> None:
-        face = self.get_face(face_id, txn)
-        if face is not None:
-            face.cluster, face.similarity = int(cluster), float(similarity)
-            txn.put(u64(face_id), pack(face.to_dict()), db=self.db["faces"])
+    def put_face(self, txn: lmdb.Transaction, face: FaceRecord) -> None:
+        """Rewrite a face's record (its person, similarity, suggestion); its vector and thumbnail stay."""
+        txn.put(u64(face.face_id), pack(face.to_dict()), db=self.db["faces"])
 
     def reusable_faces(self, txn: lmdb.Transaction, path: str) -> list[NewFace]:
         """The stored faces of ``path`` as new faces (vector, thumbnail, person) for a byte-identical copy."""

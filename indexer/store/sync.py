@@ -15,11 +15,10 @@ import numpy as np
 
 from indexer.config import IndexSettings
 from indexer.errors import IndexFileError
-from indexer.store.lmdb_store import FaceStore
+from indexer.store.lmdb_store import SNAPSHOT_FILE, FaceStore
 from indexer.store.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
-SNAPSHOT = "vectors.faiss"
 
 
 class SyncedIndex:
@@ -28,7 +27,7 @@ class SyncedIndex:
     def __init__(self, store: FaceStore, settings: IndexSettings) -> None:
         self.store = store
         self.settings = settings
-        self.path = Path(store.index_dir) / SNAPSHOT
+        self.path = Path(store.index_dir) / SNAPSHOT_FILE
         self.index, self.seq = self._load_or_rebuild()
         self.saved_seq = self.seq if self.path.is_file() else -1
         self.catch_up()
@@ -91,7 +90,12 @@ class SyncedIndex:
             return False
         if self.seq == self.saved_seq:
             return False
-        self.index.save(self.path, {"seq": self.seq, "model": self.store.get_meta("model")})
+        try:
+            self.index.save(self.path, {"seq": self.seq, "model": self.store.get_meta("model")})
+        except OSError as exc:  # disk full, read-only: the snapshot is derived, the change log still covers it
+            log.warning("could not save the FAISS snapshot %s (%s); the store's change log is replayed instead",
+                        self.path, exc.strerror or exc)
+            return False
         self.saved_seq = self.seq
         self.store.transact(lambda txn: self.store.truncate_log(txn, self.seq))
         return True

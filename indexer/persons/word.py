@@ -1,0 +1,127 @@
+"""The user's word about persons, kept apart from the derived clustering: what every recluster obeys.
+
+Tables (see indexer/store/lmdb_store.py): ``word`` maps a face id to what the user said of that face (tied to a
+person, confirmed, never these persons, ignored); ``names`` maps a person id to the name the user gave it (an empty
+name is a removed one); ``history`` lists the edits in order, each with the previous values of every key it wrote,
+so ``undo`` restores the word exactly. Only an edit writes these tables, one transaction per edit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from indexer.store.lmdb_store import FaceStore
+from indexer.store.records import from_u64, pack, u64, unpack
+
+
+@dataclass(frozen=True)
+class FaceWord:
+    """What the user said of one face."""
+
+    person: int | None = None            # tied to this person: it stays with it through every recluster
+    confirmed: bool = False              # the user placed it there (move, name, merge of confirmed faces)
+    not_persons: tuple[int, ...] = ()    # never these persons (remove)
+    ignored: bool = False                # not a person worth keeping (a stranger, a poster)
+
+    def is_empty(self) -> bool:
+        return self == FaceWord()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"person": self.person, "confirmed": self.confirmed, "not": list(self.not_persons),
+                "ignored": self.ignored}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FaceWord:
+        return cls(d.get("person"), bool(d.get("confirmed")), tuple(d.get("not", ())), bool(d.get("ignored")))
+
+
+@dataclass
+class Word:
+    faces: dict[int, FaceWord] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)   # person id -> name ("" = the user removed the name)
+
+    def of(self, face_id: int) -> FaceWord:
+        return self.faces.get(face_id, FaceWord())
+
+
+def load_word(store: FaceStore, txn) -> Word:
+    word = Word()
+    if store.has_table("word"):
+        for key, raw in txn.cursor(db=store.db["word"]):
+            word.faces[from_u64(key)] = FaceWord.from_dict(unpack(raw))
+    if store.has_table("names"):
+        for key, raw in txn.cursor(db=store.db["names"]):
+            word.names[from_u64(key)] = unpack(raw)
+    return word
+
+
+class Edit:
+    """One edit: writes the word inside the caller's transaction and remembers every previous value for undo."""
+
+    def __init__(self, store: FaceStore, txn, op: str, args: dict[str, Any]) -> None:
+        self.store, self.txn, self.op, self.args = store, txn, op, args
+        self.undo: list[tuple[str, bytes, bytes | None]] = []
+        self.overrode: list[str] = []
+        self._seen: set[tuple[str, bytes]] = set()
+
+    def _write(self, table: str, key: bytes, value: bytes | None) -> None:
+        db = self.store.db[table]
+        if (table, key) not in self._seen:  # the value before this edit, once per key
+            self._seen.add((table, key))
+            old = self.txn.get(key, db=db)
+            self.undo.append((table, key, None if old is None else bytes(old)))
+        if value is None:
+            self.txn.delete(key, db=db)
+        else:
+            self.txn.put(key, value, db=db)
+
+    def set_face(self, face_id: int, face: FaceWord) -> None:
+        self._write("word", u64(face_id), None if face.is_empty() else pack(face.to_dict()))
+
+    def update_face(self, word: Word, face_id: int, **changes: Any) -> FaceWord:
+        face = replace(word.of(face_id), **changes)
+        word.faces[face_id] = face
+        self.set_face(face_id, face)
+        return face
+
+    def set_name(self, word: Word, person: int, name: str) -> None:
+        word.names[person] = name
+        self._write("names", u64(person), pack(name))
+
+    def commit(self) -> dict[str, Any]:
+        """Append this edit to the history (in the same transaction); returns its entry without the undo data."""
+        seq = self.store.get_meta("edit_seq", 0, self.txn) + 1
+        self.store.put_meta(self.txn, "edit_seq", seq)
+        entry = {"seq": seq, "time": time.time(), "op": self.op, "args": self.args, "overrode": self.overrode,
+                 "undo": [[t, k, v] for t, k, v in self.undo]}
+        self.txn.put(u64(seq), pack(entry), db=self.store.db["history"])
+        return public_entry(entry)
+
+
+def public_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in entry.items() if k != "undo"}
+    out["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["time"]))
+    return out
+
+
+def history(store: FaceStore, txn) -> list[dict[str, Any]]:
+    if not store.has_table("history"):
+        return []
+    return [public_entry(unpack(raw)) for _, raw in txn.cursor(db=store.db["history"])]
+
+
+def pop_last_edit(store: FaceStore, txn) -> dict[str, Any] | None:
+    """Restore every key the last edit wrote to its previous value and drop the edit from the history."""
+    cursor = txn.cursor(db=store.db["history"])
+    if not cursor.last():
+        return None
+    entry = unpack(cursor.value())
+    for table, key, old in reversed(entry["undo"]):
+        if old is None:
+            txn.delete(key, db=store.db[table])
+        else:
+            txn.put(key, old, db=store.db[table])
+    cursor.delete()
+    return public_entry(entry)
