@@ -205,3 +205,36 @@ def test_contradictory_edits_the_later_wins_and_says_what_it_overrode(index):
     assert renamed["overrode"] == [f"#{b} was named 'Bee'"]
     with pytest.raises(ClusteringError, match="is not in"):
         index.remove_faces(b, [faces_of_identity(0)[0]])
+
+
+def test_an_index_from_before_the_word_is_read_as_it_is_and_upgraded_by_a_writer(index, tmp_path):
+    """A schema 1 index (no word tables, names on the clusters) reads as before; its names become the user's."""
+    from indexer.persons.state import load_clustering, save_clustering
+    from indexer.store.records import pack
+
+    index.cluster()
+    person = index.people()[0]["id"]
+    store = index.store
+
+    def downgrade(txn) -> None:
+        clustering = load_clustering(store, txn)
+        clustering.names = {person: "Old Name"}
+        save_clustering(store, txn, clustering)
+        for table in ("word", "names", "history"):
+            txn.drop(store.db[table], delete=True)
+        txn.put(b"schema", pack(1), db=store.db["meta"])
+        txn.delete(b"names_adopted", db=store.db["meta"])
+
+    store.transact(downgrade)
+    index.close()
+    path = tmp_path / "index"
+    with FaceIndex(settings_for(path), OpenMode.READ) as reader:
+        assert reader.store.get_meta("schema") == 1 and not reader.store.has_table("word")
+        assert {r["id"]: r["name"] for r in reader.people()}[person] == "Old Name"
+        assert reader.history() == []
+    with FaceIndex(settings_for(path), OpenMode.EDIT) as writer:
+        assert writer.store.get_meta("schema") == 2
+        writer.merge(person, next(r["id"] for r in writer.people() if r["id"] != person))
+        assert writer.person(person)["name"] == "Old Name"  # adopted as the user's word, kept by the merge
+        writer.undo()
+        assert writer.person(person)["name"] == "Old Name"
