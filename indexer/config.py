@@ -45,6 +45,8 @@ class IngestSettings:
     max_file_mb: int = 200           # files larger than this are recorded as failed without being read
     queue_size: int = 64             # bounded queues between stages (items)
     thumbnail_size: int = 96         # px, JPEG thumbnail of each face kept in the store for galleries
+    read_timeout_s: float = 120.0    # a file whose read + decode takes longer is failed (a stalled disk or mount)
+    stop_grace_s: float = 60.0       # after SIGINT/SIGTERM the process exits within this, whatever it is doing
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,8 @@ def validate(s: Settings) -> Settings:
          "embedder.precision must be auto, float32, bfloat16 or float16"),
         (s.ingest.decode_workers >= 1, "ingest.decode_workers must be >= 1"),
         (s.ingest.max_pixels > 0, "ingest.max_pixels must be > 0"),
+        (s.ingest.read_timeout_s > 0 and s.ingest.stop_grace_s > 0,
+         "ingest.read_timeout_s and ingest.stop_grace_s must be > 0"),
         (s.cluster.method in CLUSTER_METHODS, f"cluster.method must be one of {', '.join(CLUSTER_METHODS)}"),
         (-1.0 <= s.cluster.threshold <= 1.0, "cluster.threshold must be a cosine in [-1, 1]"),
         (s.cluster.k >= 0, "cluster.k must be >= 0 (0 = auto)"),

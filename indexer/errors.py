@@ -37,3 +37,11 @@ class ClusteringError(FaceIndexError):
 
 class IndexFileError(FaceIndexError):
     """The saved vector index file is missing, truncated or damaged: rebuild it from the store."""
+
+
+class ReadStalledError(FaceIndexError):
+    """Reads of photos keep hanging: the disk or network mount holding them is not answering."""
+
+
+class StorageError(FaceIndexError):
+    """The index folder cannot be written (disk full, read-only, no permission): nothing half-written is kept."""

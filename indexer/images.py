@@ -89,7 +89,13 @@ def decode(source: str | os.PathLike[str] | BinaryIO, max_pixels: int, min_side_
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"corrupt or truncated image: {str(exc).splitlines()[0][:160]}") from None
+        raise ImageError(f"corrupt or truncated image: {_first_line(exc)}") from None
+    except Exception as exc:  # PIL's plugins raise many kinds (struct.error, EOFError, IndexError...) on bad bytes
+        raise ImageError(f"corrupt image: {type(exc).__name__}: {_first_line(exc)}") from None
     orig = (height, width) if orientation in _ROTATED else (width, height)
     scale = orig[0] / rgb.size[0] if rgb.size[0] else 1.0
     return DecodedImage(path=path, image=rgb, orig_size=orig, scale=scale)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:160]

@@ -129,12 +129,13 @@ class FaceIndex:
         from indexer.pipeline.scan import scan
 
         candidates = list(scan(paths, self.settings.ingest.extensions, self.settings.watch.ignore))
-        with self.pipeline() as pipeline:
-            restore = trap_stop_signals(pipeline.stop, self.settings.ingest.stop_grace_s)
-            try:
+        pipeline = self.pipeline()
+        restore = trap_stop_signals(pipeline.stop, self.settings.ingest.stop_grace_s)
+        try:
+            with pipeline:  # closing (the final snapshot) is inside the signals' deadline too
                 return pipeline.ingest(candidates, progress=progress)
-            finally:
-                restore()
+        finally:
+            restore()
 
     def watch(self, root: str | Path, once: bool = False) -> IngestSummary:
         """The daemon over ``root`` until SIGINT/SIGTERM (or, ``once``, until caught up), reclustering when due."""

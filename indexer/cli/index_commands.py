@@ -13,6 +13,7 @@ import click
 
 from indexer.cli.options import emit, fmt, index_options, json_option, open_index, weights_option
 from indexer.config import Settings
+from indexer.display import display
 
 
 # ---------------------------------------------------------------------------------------------------- ingest
@@ -36,7 +37,7 @@ def _ingest_text(s: dict) -> str:
              f"{s['unchanged']} unchanged, {s['duplicates']} duplicates reused, {s['moved']} moved, "
              f"{s['removed']} removed; {s['faces']} faces added "
              f"in {s['seconds']:.1f} s ({s['images_per_s']:.1f} images/s)"]
-    lines += [f"  failed: {f['path']}: {f['reason']}" for f in s["failures"][:20]]
+    lines += [f"  failed: {display(f['path'])}: {display(f['reason'])}" for f in s["failures"][:20]]
     if len(s["failures"]) > 20:
         lines.append(f"  ... and {len(s['failures']) - 20} more (see `faceindex status --json`)")
     if s["interrupted"]:
@@ -87,7 +88,7 @@ def _query_text(results: list[dict]) -> str:
         lines.append(f"face {n} at [{box}]" + (f" (p={r['prob']:.3f})" if "prob" in r else ""))
         for m in r["matches"]:
             cluster = f"cluster {m['cluster']}" if m["cluster"] >= 0 else "unassigned"
-            lines.append(f"  {m['similarity']:.3f}  #{m['face_id']:<6} {cluster:<12} {m['path']}")
+            lines.append(f"  {m['similarity']:.3f}  #{m['face_id']:<6} {cluster:<12} {display(m['path'])}")
         if not r["matches"]:
             lines.append("  (no match)")
     return "\n".join(lines)
@@ -109,7 +110,7 @@ def _status_text(s: dict) -> str:
     d = s["daemon"]
     c = s["clusters"]
     lines = [
-        f"index      {s['index_dir']} ({s['store_bytes'] / 2**20:.1f} MiB)",
+        f"index      {display(s['index_dir'])} ({s['store_bytes'] / 2**20:.1f} MiB)",
         f"files      {f['indexed']} indexed, {f['no_face']} without faces, {f['failed']} failed",
         f"faces      {s['faces']}",
         f"model      {s['model']}",
@@ -119,7 +120,7 @@ def _status_text(s: dict) -> str:
                           if d["running"] else "not running"),
     ]
     for failure in s["failures"][:10]:
-        lines.append(f"failed     {failure['path']}: {failure['reason']}")
+        lines.append(f"failed     {display(failure['path'])}: {display(failure['reason'])}")
     if s["files"]["failed"] > 10:
         lines.append(f"           ... {s['files']['failed'] - 10} more failures (--json lists up to 50)")
     if c.get("metrics"):

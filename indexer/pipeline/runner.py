@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -112,23 +113,71 @@ class IngestSummary:
         return d
 
 
-def trap_stop_signals(stop: threading.Event) -> Callable[[], None]:
-    """Ctrl-C / SIGTERM set ``stop`` (the current batch is committed, then the run ends cleanly).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def trap_stop_signals(stop: threading.Event, grace_s: float = 60.0) -> Callable[[], None]:
+    """Ctrl-C / SIGTERM set ``stop``: reads in flight are dropped, the current batch is committed, the run ends.
+
+    Whatever the process is doing, it is gone ``grace_s`` seconds after the first signal (a second one: at once),
+    exiting 128 + the signal's number; committed work is safe at any moment (see README: Reliability). The
+    signals reach a thread of ours through ``signal.set_wakeup_fd``, written by the C-level handler the moment a
+    signal arrives: a Python handler would only run once the main thread executes bytecode again, which it does
+    not while blocked in a system call (a stat on a dead network mount).
 
     Returns the function that puts the previous handlers back. Off the main thread signals cannot be trapped,
     and nothing is changed.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, lambda signum, frame: stop.set())
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: stop.set())  # the watcher below does the rest
+    watcher = threading.Thread(target=_watch_signals, args=(read_fd, stop, grace_s), name="signals", daemon=True)
+    watcher.start()
 
     def restore() -> None:
+        signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
             signal.signal(s, h)
+        os.write(write_fd, b"\0")  # not a signal number: tells the watcher to go
+        watcher.join()
+        os.close(read_fd)
+        os.close(write_fd)
 
     return restore
+
+
+def _watch_signals(read_fd: int, stop: threading.Event, grace_s: float) -> None:
+    """First stop signal: set ``stop`` and start the clock; a second signal or ``grace_s`` later: exit now."""
+    first: int | None = None
+    deadline = None
+    while True:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([read_fd], [], [], timeout)
+        if not ready:
+            _exit_now(first, f"did not stop within {grace_s:.0f} s of the signal")
+        for signum in os.read(read_fd, 64):
+            if signum == 0:
+                return
+            if signum not in STOP_SIGNALS:
+                continue
+            if first is not None:
+                _exit_now(first, "second signal")
+            first, deadline = signum, time.monotonic() + grace_s
+            stop.set()
+            log.warning("%s: finishing the current batch (at most %.0f s; again to stop at once)",
+                        signal.Signals(signum).name, grace_s)
+
+
+def _exit_now(signum: int, why: str) -> None:
+    # os._exit: no atexit handlers, no joining threads (one may be stuck for good). LMDB commits and the FAISS
+    # snapshot are atomic, so what is committed stays committed and the rest is redone by the next run.
+    os.write(2, f"faceindex: {why}; exiting now (committed work is safe)\n".encode())
+    os._exit(128 + signum)
 
 
 def dedupe_batch(items: list[ReadItem]) -> list[ReadItem]:
@@ -157,9 +206,10 @@ class Pipeline:
         self.assigner = assigner
         self.commit = Committer(store, fingerprint)
         self.reader = Reader(settings, store)
-        self.read_ahead = ReadAhead(self.reader, settings.ingest.decode_workers)
         self.timer = StageTimer()
         self.stop = stop or threading.Event()
+        self.read_ahead = ReadAhead(self.reader, settings.ingest.decode_workers, stop=self.stop,
+                                    timeout_s=settings.ingest.read_timeout_s)
 
     def __enter__(self) -> Pipeline:
         return self
@@ -169,7 +219,7 @@ class Pipeline:
 
     def close(self) -> None:
         self.read_ahead.close()
-        self.index.save(force=True)
+        self.index.save(force=True)  # a failure is a warning: the store's change log replays it next time
 
     def needs_reading(self, paths: Iterable[str]) -> tuple[list[str], int]:
         """Paths whose stat differs from the store's record (they must be read); and how many were unchanged."""
@@ -197,12 +247,13 @@ class Pipeline:
         batches = [todo[i:i + size] for i in range(0, len(todo), size)]
         with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="ingest") as bar:
             for n, batch in enumerate(batches):
-                self.process(batch, summary, ahead=batches[n + 1] if n + 1 < len(batches) else [])
-                bar.update(len(batch))
-                bar.set_postfix(faces=summary.faces, failed=summary.failed, refresh=False)
                 if self.stop.is_set():
                     summary.interrupted = True
                     break
+                self.process(batch, summary, ahead=batches[n + 1] if n + 1 < len(batches) else [])
+                bar.update(len(batch))
+                bar.set_postfix(faces=summary.faces, failed=summary.failed, refresh=False)
+            summary.interrupted = summary.interrupted or self.stop.is_set()
         summary.seconds = time.perf_counter() - started
         summary.stages = self.timer.summary()
         return summary
@@ -212,16 +263,18 @@ class Pipeline:
         """Read, embed, commit and index one batch; ``ahead``: the next batch, read while the models work."""
         summary = summary if summary is not None else IngestSummary()
         batch_started = started = time.perf_counter()
-        items = self.read_ahead.take(paths)
+        items = self.read_ahead.take(paths)  # fewer than asked for when stopping: the rest is left for next time
         self.timer.add("read_wait", started)
-        self.read_ahead.ahead(ahead or [])
-        face_items = self.faces(dedupe_batch(items), self.timer)
+        if not items:
+            return summary
+        self.read_ahead.ahead([] if self.stop.is_set() else (ahead or []))
+        face_items = self._faces(dedupe_batch(items))
         if self.assigner is not None:
             self._assign(face_items)
         started = time.perf_counter()
         counts, failures = self.store.transact(self.commit, face_items)
         # Counted once the transaction committed: a retry after MapFullError must not count twice.
-        summary.files += len(paths)
+        summary.files += len(items)
         for key, value in counts.items():
             setattr(summary, key, getattr(summary, key) + value)
         summary.failures.extend(failures)
@@ -234,6 +287,22 @@ class Pipeline:
         log.info("batch files=%d faces=%d failed=%d latency=%.3fs", len(items), counts["faces"], counts["failed"],
                  time.perf_counter() - batch_started)
         return summary
+
+    def _faces(self, items: list[ReadItem]) -> list[FaceItem]:
+        """The model stage over a batch; if it fails, file by file, so that one odd image costs only itself."""
+        try:
+            return self.faces(items, self.timer)
+        except Exception:
+            log.exception("the model stage failed on a batch of %d files; retrying them one by one", len(items))
+        out = []
+        for item in items:
+            try:
+                out += self.faces([item], self.timer)
+            except Exception as exc:
+                # Recorded without its stat, so the next run tries this file again (the cause may be passing).
+                reason = f"face detection failed: {type(exc).__name__}: {str(exc)[:160]}"
+                out.append(FaceItem(replace(item, image=None, size=0, mtime_ns=0, error=reason)))
+        return out
 
     def _assign(self, face_items: list[FaceItem]) -> None:
         faces = [f for fi in face_items for f in fi.faces]

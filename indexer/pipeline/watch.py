@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ class Watcher:
             self._drop_vanished()
 
     def _drop_vanished(self) -> None:
-        gone = [p for p in self._vanished if not os.path.exists(p)]
+        gone = [p for p in self._vanished if not os.path.isfile(p)]  # gone, or no longer a regular file
         self._vanished = []
         if gone:
             self._remove(gone)
@@ -188,9 +189,13 @@ class Watcher:
         if kind == "changed":
             self._touch(src, now)
         elif kind == "dir_created":
-            # A folder moved in from outside, or created with files already in it: scan it.
-            for path in scan([src], self.settings.ingest.extensions, self.settings.watch.ignore):
-                self._touch(path, now)
+            # A folder moved in from outside, or created with files already in it: scan it (unless it is gone
+            # again: a temporary folder must not stop the daemon).
+            try:
+                for path in scan([src], self.settings.ingest.extensions, self.settings.watch.ignore):
+                    self._touch(path, now)
+            except NotFoundError:
+                pass
         elif kind == "deleted":
             self._forget_pending(src, is_dir)
             self._remove_under(src) if is_dir else self._remove([src])
@@ -202,6 +207,11 @@ class Watcher:
             st = os.stat(path)
         except OSError:
             self.pending.pop(path, None)
+            return
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, socket, device or folder named like a photo: never opened
+            self.pending.pop(path, None)
+            if self.store.get_file(path) is not None:
+                self._remove([path])  # it replaced a photo: that photo is gone
             return
         self.ready.pop(path, None)
         prev = self.pending.get(path)
@@ -222,6 +232,9 @@ class Watcher:
                 st = os.stat(path)
             except OSError:
                 self.pending.pop(path)  # vanished before it settled; a delete event may follow
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                self.pending.pop(path)
                 continue
             if (st.st_size, st.st_mtime_ns) != (p.size, p.mtime_ns):
                 p.size, p.mtime_ns, p.stable_since = st.st_size, st.st_mtime_ns, now

@@ -9,6 +9,7 @@ only works out what to show.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from indexer.display import display
+
+log = logging.getLogger("faceindex.report")
 UNASSIGNED = -1
 THUMBS_DIR = "thumbs"
 _THUMB_NAME = re.compile(r"^\d+\.jpg$")
@@ -104,6 +108,9 @@ def write_thumbnails(out_dir: Path, sections: list[ClusterSection]) -> dict[int,
         for face in section.shown:
             if not face.thumbnail:
                 continue
+            if not looks_like_jpeg(face.thumbnail):
+                log.warning("face %d: stored thumbnail is damaged; shown without it", face.face_id)
+                continue
             name = f"{int(face.face_id)}.jpg"
             # A plain write, not atomic_write: thumbnails are rewritten by every report, and the page naming them
             # is written (atomically) after them; thousands of fsyncs would buy nothing.
@@ -114,6 +121,11 @@ def write_thumbnails(out_dir: Path, sections: list[ClusterSection]) -> dict[int,
         if _THUMB_NAME.match(old.name) and old.name not in keep and old.is_file():
             old.unlink()
     return written
+
+
+def looks_like_jpeg(data: bytes) -> bool:
+    """A cheap check that a stored thumbnail is a whole JPEG: start-of-image and end-of-image markers."""
+    return len(data) > 4 and data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
 
 
 def photo_uri(path: str) -> str | None:
@@ -137,7 +149,7 @@ def render_html(*, title: str, sections: list[ClusterSection], thumbs: dict[int,
         ("Calinski-Harabasz", _score(metrics.get("calinski_harabasz"), 1)),
         ("projection sample", f"{projection.get('sample', 0):,} of {projection.get('of', n_faces):,} faces"),
     ]
-    page = _template().render(title=title, csp=CSP, summary=summary, plots=plots, skipped=skipped,
+    page = _template().render(title=display(title), csp=CSP, summary=summary, plots=plots, skipped=skipped,
                               sections=[_section_view(s, thumbs) for s in sections])
     # markupsafe writes quotes as &#34; / &#39;, html.escape (which built this page before) as &quot; / &#x27;.
     # The same characters to a browser; kept as they were so pages stay byte-identical across the change. Safe to
@@ -169,13 +181,14 @@ def _section_view(section: ClusterSection, thumbs: dict[int, str]) -> dict[str, 
         how = "first by face id" if section.cluster == UNASSIGNED else "a spread of similarities to the center"
         facts.append(f"showing {len(section.shown):,} of {section.size:,} ({how})")
     faces = [{
-        "name": Path(face.path).name,
-        "tip": f"face {face.face_id} · {face.path}",
+        "name": display(Path(face.path).name),
+        "tip": f"face {face.face_id} · {display(face.path)}",
         "caption": f"{face.similarity:.2f}" if math.isfinite(face.similarity) else f"id {face.face_id}",
         "thumb": thumbs[face.face_id] if face.face_id in thumbs else None,
         "uri": photo_uri(face.path),
     } for face in section.shown]
-    return {"anchor": _anchor(section.cluster), "unassigned": section.cluster == UNASSIGNED, "title": section.title,
+    return {"anchor": _anchor(section.cluster), "unassigned": section.cluster == UNASSIGNED,
+            "title": display(section.title),
             "size": f"{section.size:,}", "facts": " · ".join(facts), "faces": faces}
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from indexer import faults
 from indexer.errors import IndexFileError
 from indexer.fsutil import atomic_writer
 from indexer.store.choose import EXACT_MAX_VECTORS, TARGET_RECALL, IndexChoice, choose_index, index_kind
@@ -209,6 +210,7 @@ class VectorIndex:
             f.write(header)
             f.write(memoryview(exact))
             f.write(memoryview(coarse))
+            faults.reached("snapshot")  # tests/faults: a crash with the new snapshot written but not in place
 
     @classmethod
     def load(cls, path: str | Path) -> tuple[VectorIndex, dict[str, Any]]:
