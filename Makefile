@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 DEMO_INDEX ?= .demo-index
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-faults lint bench clean
 
 install: $(STAMP)
 
@@ -32,8 +32,13 @@ demo: install
 	$(BIN)/faceindex status --index $(DEMO_INDEX)
 	$(BIN)/faceindex query --index $(DEMO_INDEX) -k 3 samples/group/kit_with_rose.jpg
 
+# The exhaustive fault-injection runs (kill -9 trials, hundreds of damaged files) are left to `make test-faults`.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not exhaustive"
+
+# Hostile input, signals, disk and store faults, kill -9 trials: everything in tests/faults, the long runs included.
+test-faults: install
+	$(BIN)/python -m pytest -q tests/faults
 
 lint: install
 	$(BIN)/ruff check indexer tests benchmarks

@@ -49,7 +49,11 @@ class Expect:
 class Corpus:
     root: Path
     expected: dict[str, Expect]      # absolute path (str, as os.fsdecode gives it) -> what must happen
+    as_root: dict[str, Expect]       # what differs when the reader is root (it reads mode-000 files and folders)
     left_out: list[str]              # kinds this machine could not make, with why
+
+    def expectations(self, as_root: bool) -> dict[str, Expect]:
+        return {**self.expected, **self.as_root} if as_root else self.expected
 
 
 def jpeg(img: Image.Image, **kw) -> bytes:
@@ -77,10 +81,10 @@ def oriented(face: Image.Image, orientation: int) -> bytes:
 
 
 class _Builder:
-    def __init__(self, root: Path, reader_is_root: bool) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.reader_is_root = reader_is_root
         self.expected: dict[str, Expect] = {}
+        self.as_root: dict[str, Expect] = {}
         self.left_out: list[str] = []
         self.face = Image.open(FACE).convert("RGB")
         self.face_jpeg = FACE.read_bytes()
@@ -109,7 +113,7 @@ class _Builder:
         self.special_files()
         self.links()
         self.unreadable()
-        return Corpus(self.root, self.expected, self.left_out)
+        return Corpus(self.root, self.expected, self.as_root, self.left_out)
 
     def images(self) -> None:
         self.put("good.jpg", self.face_jpeg, Expect("indexed", 1, kind="a plain JPEG"))
@@ -212,29 +216,26 @@ class _Builder:
 
     def unreadable(self) -> None:
         data = self.face_jpeg
-        locked = self.put("locked.jpg", data, Expect("indexed", 1, kind="mode 000 file, read as root")
-                          if self.reader_is_root else
-                          Expect("failed", reasons=("unreadable: permission denied",), kind="unreadable file"))
+        locked = self.put("locked.jpg", data, Expect("failed", reasons=("unreadable: permission denied",),
+                                                     kind="unreadable file"))
         locked.chmod(0)
-        inner = self.put("locked_dir/photo.jpg", data, Expect("indexed", 1, kind="mode 000 folder, read as root")
-                         if self.reader_is_root else
-                         Expect("skipped", kind="photo in an unreadable folder"))
+        self.as_root[str(locked)] = Expect("indexed", 1, kind="mode 000 file, read by root")
+        inner = self.put("locked_dir/photo.jpg", data, Expect("skipped", kind="photo in an unreadable folder"))
         inner.parent.chmod(0)
+        self.as_root[str(inner)] = Expect("indexed", 1, kind="photo in a mode 000 folder, read by root")
 
 
-def build(root: Path, reader_is_root: bool | None = None) -> Corpus:
-    """Fill ``root`` (created) with the corpus; ``reader_is_root``: whether the ingest runs as root (reads all)."""
+def build(root: Path) -> Corpus:
+    """Fill ``root`` (created) with the corpus and say what faceindex must do with each file."""
     root.mkdir(parents=True, exist_ok=True)
-    if reader_is_root is None:
-        reader_is_root = os.geteuid() == 0
-    return _Builder(root, reader_is_root).build()
+    return _Builder(root).build()
 
 
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: make_corpus.py DEST")
     corpus = build(Path(sys.argv[1]).absolute())
-    for path, expect in sorted(corpus.expected.items()):
+    for path, expect in sorted(corpus.expectations(os.geteuid() == 0).items()):
         print(f"{expect.status:<8} {expect.faces}  {ascii(path)}  {expect.kind}")
     for why in corpus.left_out:
         print(f"left out: {why}")
