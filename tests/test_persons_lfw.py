@@ -76,16 +76,24 @@ class User:
     def now(self, face_id: int) -> int:
         return self.fi.store.get_face(face_id).cluster
 
+    def exists(self, person: int) -> bool:
+        """A user can only act on persons they see (an earlier correction may have emptied one)."""
+        with self.fi.store.read() as txn:
+            return any(f.cluster == person for f in self.fi.store.iter_faces(txn))
+
     def correct(self, kind: str, a: int, b: int) -> None:
         if kind == "merge":
             keep, other = self.live(a), self.live(b)
-            if keep != other:
+            if keep != other and self.exists(keep) and self.exists(other):
                 with self.fi.store.read() as txn:
                     members = [f.face_id for f in self.fi.store.iter_faces(txn) if f.cluster in (keep, other)]
+                if any(self.live(p) in (keep, other) for kind_, f, p in self.applied if kind_ == "remove"
+                       and f in members):
+                    return  # a user does not merge back a face they took out themselves
                 self.fi.merge(keep, other)
                 self.merged[other] = keep
                 self.applied.append(("merge", keep, members))
-        elif kind == "move" and self.now(a) != self.live(b):
+        elif kind == "move" and self.now(a) != self.live(b) and self.exists(self.live(b)):
             self.fi.move_faces([a], self.live(b))
             self.applied.append(("move", a, self.live(b)))
         elif kind == "remove" and self.now(a) >= 0:  # from the person it is in now, as a user would see it

@@ -13,7 +13,7 @@ sees, obeying what the user said:
    its faces were removed from that person: then it is someone else, with a fresh id.
 4. A face the user removed from a person never joins it: it goes to the nearest other person whose center is
    at least ``min_similarity`` alike, else it is unassigned.
-5. An unassigned face within ``pull_similarity`` of a tied face joins that face's person (the same allowance).
+5. An unassigned face that is a near-duplicate of a tied face (cosine >= ``NEAR_DUPLICATE``) joins its person.
 
 Centers are the normalised means of each person's faces, tied ones included, so the live assignment of new faces
 follows the user's corrections.
@@ -28,6 +28,12 @@ import numpy as np
 
 from indexer.embedding import stack_vectors
 from indexer.persons.word import FaceWord
+
+# An unassigned face this close to a face the user placed is taken as the same shot (a burst, a re-save): on LFW
+# dev-train 1 in 8 million pairs of different people reach it, and 15 % of same-person pairs. Looser values pull
+# strangers in: the nearest of hundreds of placed faces is too easily a chance look-alike (0.55 cost 6 points of
+# pairwise F1 after 100 corrections on LFW, tests/test_persons_lfw.py).
+NEAR_DUPLICATE = 0.80
 
 
 @dataclass
@@ -126,7 +132,7 @@ def derive_persons(face_ids: np.ndarray, suggested: np.ndarray, x: np.ndarray, w
     clash = np.array([labels[i] >= 0 and labels[i] in forbidden.get(i, ()) for i in range(n)], bool)
     ids, centers = _persons(x, np.where(clash, -1, labels))
     _place(x, np.flatnonzero(clash), labels, forbidden, ids, centers, min_similarity)
-    # Step 5: unassigned faces close to a tied face join its person.
+    # Step 5: unassigned near-duplicates of a tied face join its person.
     loose = np.flatnonzero(active & (labels < 0))
     anchors = np.flatnonzero(active & (tied >= 0))
     if len(loose) and len(anchors):
@@ -134,7 +140,7 @@ def derive_persons(face_ids: np.ndarray, suggested: np.ndarray, x: np.ndarray, w
         for n_, row in enumerate(loose.tolist()):
             j = int(np.argmax(sims[n_]))
             person = int(tied[anchors[j]])
-            if sims[n_, j] >= pull_similarity and person not in forbidden.get(row, ()):
+            if sims[n_, j] >= NEAR_DUPLICATE and person not in forbidden.get(row, ()):
                 labels[row] = person
     labels[~active] = -1
     ids, centers = _persons(x, labels)

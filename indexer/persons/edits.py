@@ -86,11 +86,13 @@ def merge(store: FaceStore, settings: ClusterSettings, keep: int, other: int) ->
         members = _faces_of(store, txn, keep) + _faces_of(store, txn, other)
         for face_id in members:
             w = word.of(face_id)
-            if keep in w.not_persons:
-                edit.overrode.append(f"face {face_id} was marked not #{keep}")
-            edit.update_face(word, face_id, person=keep, not_persons=tuple(p for p in w.not_persons if p != keep))
+            for gone in {keep, other} & set(w.not_persons):
+                edit.overrode.append(f"face {face_id} was marked not #{gone}")
+            edit.update_face(word, face_id, person=keep,
+                             not_persons=tuple(p for p in w.not_persons if p not in (keep, other)))
+        together = set(members)
         for face_id, w in list(word.faces.items()):  # faces kept out of OTHER are kept out of KEEP now
-            if other in w.not_persons:
+            if other in w.not_persons and face_id not in together:
                 edit.update_face(word, face_id, not_persons=tuple(sorted({keep, *w.not_persons} - {other})))
         keep_name, other_name = clustering.names.get(keep, ""), clustering.names.get(other, "")
         if other_name:
