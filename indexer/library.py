@@ -51,6 +51,7 @@ class FaceIndex:
         if embedder is not None:
             self.__dict__["embedder"] = embedder
         self.dir = settings.index_path
+        self._people: tuple[tuple[int, int], list[dict[str, Any]]] | None = None  # (store state, people rows)
         self.lock = lock_mod.WriterLock(self.dir, command).acquire() if mode is OpenMode.WRITE else None
         try:
             if mode is OpenMode.EDIT and not store_exists(self.dir):
@@ -226,14 +227,30 @@ class FaceIndex:
         return recluster(self.store, self.settings.cluster, method, k, threshold)
 
     def people(self) -> list[dict[str, Any]]:
+        """Every person (see persons/people.py). Kept until the store changes: a long-lived index (the web app)
+        asks on every page, and one pass over all faces is too slow at 10,000 persons. Do not mutate the rows."""
         from indexer.persons import people
 
-        return people.people(self.store)
+        version = people.people_version(self.store)
+        if self._people is None or self._people[0] != version:
+            self._people = (version, people.people(self.store))
+        return list(self._people[1])
 
     def person(self, cluster_id: int) -> dict[str, Any]:
         from indexer.persons import people
 
         return people.person(self.store, cluster_id)
+
+    def photo(self, face_id: int) -> dict[str, Any]:
+        """The photo of a stored face: path, size, and its faces with their persons."""
+        from indexer.persons import people
+
+        return people.photo(self.store, face_id)
+
+    def thumbnail(self, face_id: int) -> bytes:
+        from indexer.persons import people
+
+        return people.thumbnail(self.store, face_id)
 
     def name(self, cluster_id: int, name: str) -> dict[str, Any]:
         from indexer.persons import edits

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from indexer.cli import cluster_commands, index_commands, people_commands
+from indexer.cli import cluster_commands, index_commands, people_commands, serve_commands
 from indexer.cli.options import FaceIndexGroup
 
 
@@ -34,5 +34,6 @@ def main(verbose: bool) -> None:
 
 for _command in (index_commands.ingest, index_commands.watch, index_commands.query, index_commands.status,
                  index_commands.models, cluster_commands.cluster, cluster_commands.export, cluster_commands.assign,
-                 cluster_commands.report, cluster_commands.evaluate, people_commands.people):
+                 cluster_commands.report, cluster_commands.evaluate, people_commands.people,
+                 serve_commands.serve):
     main.add_command(_command)

@@ -12,6 +12,7 @@ import sys
 import click
 
 from indexer.cli.options import emit, fmt, index_options, json_option, open_index, weights_option
+from indexer.cli.serve_commands import query_via_server
 from indexer.config import Settings
 from indexer.display import display
 
@@ -74,8 +75,11 @@ def query(image: str | None, face_id: int | None, k: int, min_similarity: float 
     """The nearest indexed faces to each face in IMAGE (or to --face-id N)."""
     if (image is None) == (face_id is None):
         raise click.UsageError("give either IMAGE or --face-id N")
-    with open_index(settings) as fi:
-        results = fi.query(image=image, face_id=face_id, k=k, min_similarity=min_similarity)
+    # A running `faceindex serve` of this index has the models loaded: ask it first (it says so on stderr).
+    results = query_via_server(settings, image, k, min_similarity) if image is not None else None
+    if results is None:
+        with open_index(settings) as fi:
+            results = fi.query(image=image, face_id=face_id, k=k, min_similarity=min_similarity)
     emit(results, as_json, _query_text)
 
 
