@@ -9,7 +9,9 @@ A page on any site the user visits can make the browser send requests to 127.0.0
   not from a browser (curl, scripts, ``faceindex query``) and is let through;
 - HTML forms carry a token only our pages know (``form_token``), checked by the form handlers;
 - a request body is cut off at ``max_body`` bytes (413), whether it says its length or not;
-- every response forbids scripts and loads from elsewhere (Content-Security-Policy) and framing.
+- every response forbids scripts and loads from elsewhere (Content-Security-Policy) and framing; its referrer
+  policy is same-origin, not no-referrer, because under no-referrer Chromium sends ``Origin: null`` with our own
+  forms, which would then be refused.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-           (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer")]
+           (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin")]
 # Leading bytes of the image formats the pipeline decodes (ingest.extensions): an upload must start with one.
 _MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
           (b"BM", ".bmp"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
