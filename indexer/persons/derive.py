@@ -68,20 +68,39 @@ def _split_cluster(x: np.ndarray, untied: np.ndarray, tied_centers: dict[int, np
     return labels
 
 
+def _rows_by_cluster(suggested: np.ndarray, rows: np.ndarray, clusters: set[int]) -> dict[int, np.ndarray]:
+    """The rows (of ``rows``) suggested into each of ``clusters``: one sort, not one scan per cluster."""
+    order = rows[np.argsort(suggested[rows], kind="stable")]
+    keys = suggested[order]
+    out = {}
+    for cluster in sorted(clusters):
+        lo, hi = np.searchsorted(keys, cluster, "left"), np.searchsorted(keys, cluster, "right")
+        out[cluster] = order[lo:hi]
+    return out
+
+
 def _suggested_to_persons(x: np.ndarray, suggested: np.ndarray, tied: np.ndarray, active: np.ndarray,
                           forbidden: Mapping[int, set[int]], next_id: int,
                           pull_similarity: float) -> tuple[np.ndarray, list[int]]:
     """Steps 2 and 3: labels from ties and suggested clusters."""
-    labels = np.where(active & (tied >= 0), tied, -1)
-    owned = set(tied[active & (tied >= 0)].tolist())
-    tied_centers_all = {p: _center(x, np.flatnonzero(active & (tied == p))) for p in owned}
+    is_tied = active & (tied >= 0)
+    loose = active & (tied < 0)
+    labels = np.where(is_tied, tied, np.where(loose, suggested, -1))  # by default a cluster is its own person
+    owned = set(tied[is_tied].tolist())
+    # Only clusters holding a tied face, or carrying the id of a person the user owns, need a closer look.
+    with_ties = set(suggested[is_tied & (suggested >= 0)].tolist())
+    attention = with_ties | (owned & set(suggested[loose].tolist()))
+    if not attention:
+        return labels, []
+    tied_rows = _rows_by_cluster(tied, np.flatnonzero(is_tied), owned)
+    tied_centers_all = {p: _center(x, rows) for p, rows in tied_rows.items()}
+    members_of = _rows_by_cluster(suggested, np.flatnonzero(active), attention)
     fresh: list[int] = []
-    for cluster in np.unique(suggested[active & (suggested >= 0)]).tolist():
-        members = active & (suggested == cluster)
-        untied = np.flatnonzero(members & (tied < 0))
+    for cluster, members in members_of.items():
+        untied = members[tied[members] < 0]
         if len(untied) == 0:
             continue
-        persons_here = set(tied[members & (tied >= 0)].tolist())
+        persons_here = set(tied[members[tied[members] >= 0]].tolist())
         own_id = cluster
         refusing = sum(1 for row in untied.tolist() if cluster in forbidden.get(row, ()))
         if cluster in owned and cluster not in persons_here and 2 * refusing > len(untied):
@@ -113,8 +132,32 @@ def _place(x: np.ndarray, rows: np.ndarray, labels: np.ndarray, forbidden: Mappi
 
 
 def _persons(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.unique(labels[labels >= 0])
-    return ids, stack_vectors([_center(x, np.flatnonzero(labels == p)) for p in ids.tolist()])
+    """Person ids (ascending) and their centers: the normalised sums of their faces, in one pass."""
+    keep = np.flatnonzero(labels >= 0)
+    if len(keep) == 0:
+        return np.zeros(0, np.int64), stack_vectors([])
+    order = keep[np.argsort(labels[keep], kind="stable")]
+    ids, starts = np.unique(labels[order], return_index=True)
+    sums = np.add.reduceat(x[order], starts, axis=0)
+    return ids, (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _pull_near_duplicates(x: np.ndarray, labels: np.ndarray, tied: np.ndarray, active: np.ndarray,
+                          forbidden: Mapping[int, set[int]], block: int = 512) -> None:
+    """Step 5, in blocks of rows (a [block, placed faces] similarity matrix at a time, bounded memory)."""
+    loose = np.flatnonzero(active & (labels < 0))
+    anchors = np.flatnonzero(active & (tied >= 0))
+    if len(loose) == 0 or len(anchors) == 0:
+        return
+    for start in range(0, len(loose), block):
+        rows = loose[start:start + block]
+        sims = x[rows] @ x[anchors].T
+        best = np.argmax(sims, axis=1)
+        near = sims[np.arange(len(rows)), best] >= NEAR_DUPLICATE
+        for row, j in zip(rows[near].tolist(), best[near].tolist(), strict=True):
+            person = int(tied[anchors[j]])
+            if person not in forbidden.get(row, ()):
+                labels[row] = person
 
 
 def derive_persons(face_ids: np.ndarray, suggested: np.ndarray, x: np.ndarray, word: Mapping[int, FaceWord], *,
@@ -129,19 +172,13 @@ def derive_persons(face_ids: np.ndarray, suggested: np.ndarray, x: np.ndarray, w
     labels, fresh = _suggested_to_persons(x, np.asarray(suggested, np.int64), tied, active, forbidden, next_id,
                                           pull_similarity)
     # Step 4: faces sent to a person they must never join.
-    clash = np.array([labels[i] >= 0 and labels[i] in forbidden.get(i, ()) for i in range(n)], bool)
-    ids, centers = _persons(x, np.where(clash, -1, labels))
-    _place(x, np.flatnonzero(clash), labels, forbidden, ids, centers, min_similarity)
-    # Step 5: unassigned near-duplicates of a tied face join its person.
-    loose = np.flatnonzero(active & (labels < 0))
-    anchors = np.flatnonzero(active & (tied >= 0))
-    if len(loose) and len(anchors):
-        sims = x[loose] @ x[anchors].T
-        for n_, row in enumerate(loose.tolist()):
-            j = int(np.argmax(sims[n_]))
-            person = int(tied[anchors[j]])
-            if sims[n_, j] >= NEAR_DUPLICATE and person not in forbidden.get(row, ()):
-                labels[row] = person
+    clash = np.array(sorted(i for i, no in forbidden.items() if labels[i] >= 0 and labels[i] in no), np.int64)
+    if len(clash):
+        kept = labels.copy()
+        kept[clash] = -1
+        ids, centers = _persons(x, kept)
+        _place(x, clash, labels, forbidden, ids, centers, min_similarity)
+    _pull_near_duplicates(x, labels, tied, active, forbidden)  # step 5
     labels[~active] = -1
     ids, centers = _persons(x, labels)
     sims = np.full(n, np.nan, np.float32)
