@@ -95,3 +95,17 @@ def test_reader_reads_regular_files_and_caps_their_size(tmp_path):
         read_regular_file(str(photo), 2999)
     with pytest.raises(FileReadError, match="vanished"):
         read_regular_file(str(tmp_path / "gone.jpg"), 3000)
+
+
+def test_the_model_stage_ships_to_another_process_as_plain_data():
+    """What a Ray Data map_batches needs: the stage pickles without its models and builds them where it runs."""
+    import pickle
+
+    from indexer.config import Settings
+    from indexer.pipeline.faces import FaceStage, ModelsFromSettings
+
+    settings = Settings()
+    stage = pickle.loads(pickle.dumps(FaceStage(settings, ModelsFromSettings(settings, prefer="casia-webface"))))
+    assert stage._models is None and stage._load == ModelsFromSettings(settings, "casia-webface")
+    assert stage([]) == []  # nothing to embed: no model is built
+    assert stage._models is None

@@ -6,7 +6,7 @@ import io
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +23,22 @@ if TYPE_CHECKING:
 
 # Builds (detector, embedder) on first use: a run with nothing new to embed never loads torch.
 ModelLoader = Callable[[], "tuple[FaceDetector, FaceEmbedder]"]
+
+
+@dataclass(frozen=True)
+class ModelsFromSettings:
+    """A model loader that is plain data: a stage built with it can be shipped to another process (a Ray actor)
+    and builds its models there, on first use. ``prefer``: the weights the index was built with."""
+
+    settings: Settings
+    prefer: str | None = None
+
+    def __call__(self) -> tuple[FaceDetector, FaceEmbedder]:
+        from indexer.models.detector import FaceDetector
+        from indexer.models.embedder import FaceEmbedder
+
+        embedder = FaceEmbedder(self.settings.embedder, prefer=self.prefer)
+        return FaceDetector(self.settings.detector, device=embedder.device), embedder
 
 
 class StageTimer:
