@@ -51,7 +51,7 @@ class FaceIndex:
         if embedder is not None:
             self.__dict__["embedder"] = embedder
         self.dir = settings.index_path
-        self._people: tuple[tuple[int, int], list[dict[str, Any]]] | None = None  # (store state, people rows)
+        self._people: tuple[tuple[int, int], Any] | None = None  # (store state, persons and their faces)
         self.lock = lock_mod.WriterLock(self.dir, command).acquire() if mode is OpenMode.WRITE else None
         try:
             if mode is OpenMode.EDIT and not store_exists(self.dir):
@@ -229,17 +229,21 @@ class FaceIndex:
     def people(self) -> list[dict[str, Any]]:
         """Every person (see persons/people.py). Kept until the store changes: a long-lived index (the web app)
         asks on every page, and one pass over all faces is too slow at 10,000 persons. Do not mutate the rows."""
-        from indexer.persons import people
-
-        version = people.people_version(self.store)
-        if self._people is None or self._people[0] != version:
-            self._people = (version, people.people(self.store))
-        return list(self._people[1])
+        return list(self._people_view()[0])
 
     def person(self, cluster_id: int) -> dict[str, Any]:
         from indexer.persons import people
 
-        return people.person(self.store, cluster_id)
+        return people.person(self.store, cluster_id, self._people_view()[1].get(cluster_id, ()))
+
+    def _people_view(self) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
+        """(people rows, each person's face ids), computed again only when the store changed."""
+        from indexer.persons import people
+
+        version = people.people_version(self.store)
+        if self._people is None or self._people[0] != version:
+            self._people = (version, people.people_and_members(self.store))
+        return self._people[1]
 
     def photo(self, face_id: int) -> dict[str, Any]:
         """The photo of a stored face: path, size, and its faces with their persons."""

@@ -3,6 +3,7 @@ web app)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -23,31 +24,40 @@ def people_version(store: FaceStore) -> tuple[int, int]:
 def people(store: FaceStore) -> list[dict[str, Any]]:
     """Every person with a face: id, name, size, cohesion (mean similarity to the center) and ``face``, the face
     most similar to the center (its picture); largest first. One pass over the faces."""
+    return people_and_members(store)[0]
+
+
+def people_and_members(store: FaceStore) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
+    """``people`` and, from the same pass, each person's face ids (so ``person`` need not pass over all faces)."""
     clustering = require_clustering(store)
-    cohesion: dict[int, list[float]] = {int(i): [] for i in clustering.ids}
+    members: dict[int, list[int]] = {int(i): [] for i in clustering.ids}
+    similarities: dict[int, list[float]] = {int(i): [] for i in clustering.ids}
     central: dict[int, tuple[float, int]] = {}
     with store.read() as txn:
         for face in store.iter_faces(txn):
-            if face.cluster in cohesion:
-                cohesion[face.cluster].append(face.similarity)
+            if face.cluster in members:
+                members[face.cluster].append(face.face_id)
+                similarities[face.cluster].append(face.similarity)
                 sim = face.similarity if face.similarity == face.similarity else -2.0  # NaN: any other face first
                 if face.cluster not in central or sim > central[face.cluster][0]:
                     central[face.cluster] = (sim, face.face_id)
     rows = [{"id": cid, "name": clustering.names.get(cid, ""), "size": len(sims),
              "cohesion": round(float(np.mean(sims)), 4) if sims else None,
-             "face": central[cid][1] if cid in central else None} for cid, sims in cohesion.items()]
-    return sorted(rows, key=lambda r: (-r["size"], r["id"]))
+             "face": central[cid][1] if cid in central else None} for cid, sims in similarities.items()]
+    return sorted(rows, key=lambda r: (-r["size"], r["id"])), members
 
 
-def person(store: FaceStore, cluster_id: int) -> dict[str, Any]:
-    """One person's faces, most central first; ``confirmed`` marks those the user placed there."""
+def person(store: FaceStore, cluster_id: int, face_ids: Iterable[int] | None = None) -> dict[str, Any]:
+    """One person's faces, most central first; ``confirmed`` marks those the user placed there. ``face_ids``: its
+    members if known (``people_and_members``), read instead of passing over every face."""
     clustering = require_clustering(store)
     if cluster_id not in set(clustering.ids.tolist()):
         raise NotFoundError(f"no person {cluster_id}; see `faceindex people list`")
     with store.read() as txn:
         word = load_word(store, txn)
+        records = store.iter_faces(txn) if face_ids is None else (store.get_face(i, txn) for i in face_ids)
         faces = [{**f.to_dict(), "confirmed": word.of(f.face_id).confirmed}
-                 for f in store.iter_faces(txn) if f.cluster == cluster_id]
+                 for f in records if f is not None and f.cluster == cluster_id]
     faces.sort(key=lambda f: -f["similarity"])
     return {"id": cluster_id, "name": clustering.names.get(cluster_id, ""), "size": len(faces),
             "confirmed": sum(f["confirmed"] for f in faces), "faces": faces}
