@@ -41,7 +41,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False,
           max_upload_mb: int = 25, threads: int = 1, on_listening=None) -> None:
-    """Serve the index of ``settings`` until SIGINT/SIGTERM. ``on_listening(url)`` is told the address once bound.
+    """Serve the index of ``settings`` until SIGINT/SIGTERM. ``on_listening(info)`` is told serve.json's content
+    (url, host, port, pid) once bound.
 
     ``threads``: torch threads for a search. One by default: a search is one photo, and on this 2-core machine a
     one-face search took 0.26 s with one thread but 1.5-2.6 s with two while another process (a daemon, an
@@ -62,7 +63,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8765, open_br
             info = write_serve_file(fi.dir, host, bound_port)
             try:
                 if on_listening is not None:
-                    on_listening(info["url"])
+                    on_listening(info)
                 if open_browser:
                     webbrowser.open(info["url"])
                 config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning",
