@@ -2,7 +2,8 @@
 
 Run: ``python docs/screenshots.py`` (needs /usr/bin/chromium and playwright, as the browser test does). The bundled
 sample photos are indexed into a temporary folder, clustered, two persons named through the CLI, and the People
-page and one Person page (with a merge search) captured by headless Chromium, then reduced to a 64-colour palette to keep them small.
+page and one Person page (with a merge search) captured by headless Chromium, then reduced to a 64-colour palette
+to keep them small.
 """
 
 from __future__ import annotations
