@@ -66,7 +66,8 @@ def rederive(store: FaceStore, txn, settings: ClusterSettings, base: Clustering 
         if (face.cluster, face.suggested) != (person, sugg) or not _same(face.similarity, sim):
             face.cluster, face.similarity, face.suggested = int(person), float(sim), int(sugg)
             store.put_face(txn, face)
-    sizes = {int(p): int((derived.labels == p).sum()) for p in derived.ids.tolist()}
+    counted, counts = np.unique(derived.labels[derived.labels >= 0], return_counts=True)
+    sizes = dict(zip(counted.tolist(), counts.tolist(), strict=True))
     clustering = Clustering(
         method=base.method if base else "none", params=base.params if base else {}, ids=derived.ids,
         centers=derived.centers, sizes=sizes,

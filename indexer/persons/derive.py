@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
 from indexer.embedding import stack_vectors
 from indexer.persons.word import FaceWord
@@ -136,9 +137,10 @@ def _persons(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     keep = np.flatnonzero(labels >= 0)
     if len(keep) == 0:
         return np.zeros(0, np.int64), stack_vectors([])
-    order = keep[np.argsort(labels[keep], kind="stable")]
-    ids, starts = np.unique(labels[order], return_index=True)
-    sums = np.add.reduceat(x[order], starts, axis=0)
+    ids, row = np.unique(labels[keep], return_inverse=True)
+    # A sparse [persons, faces] membership matrix times the vectors: no copy of the vectors is gathered.
+    members = csr_matrix((np.ones(len(keep), np.float32), (row, keep)), shape=(len(ids), len(labels)))
+    sums = np.asarray(members @ x)
     return ids, (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
@@ -160,15 +162,33 @@ def _pull_near_duplicates(x: np.ndarray, labels: np.ndarray, tied: np.ndarray, a
                 labels[row] = person
 
 
+def _word_arrays(face_ids: np.ndarray, word: Mapping[int, FaceWord]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per row: not ignored, tied person (-1: none), and the persons it must never join (rows with any only).
+    Only the faces the user spoke about are visited: an index of a million faces and a few edits stays cheap."""
+    n = len(face_ids)
+    active, tied, forbidden = np.ones(n, bool), np.full(n, -1, np.int64), {}
+    if not word or n == 0:
+        return active, tied, forbidden
+    order = np.argsort(face_ids, kind="stable")
+    spoken = np.fromiter(word.keys(), np.int64, len(word))
+    at = np.minimum(np.searchsorted(face_ids, spoken, sorter=order), n - 1)
+    for face_id, row in zip(spoken.tolist(), order[at].tolist(), strict=True):
+        if face_ids[row] != face_id:
+            continue  # a face that left the store (its file was deleted)
+        w = word[face_id]
+        active[row] = not w.ignored
+        tied[row] = -1 if w.person is None else w.person
+        if w.not_persons:
+            forbidden[row] = set(w.not_persons)
+    return active, tied, forbidden
+
+
 def derive_persons(face_ids: np.ndarray, suggested: np.ndarray, x: np.ndarray, word: Mapping[int, FaceWord], *,
                    min_similarity: float, pull_similarity: float, next_id: int) -> Derived:
     """Persons for faces ``face_ids`` (rows of unit vectors ``x``) given the clusterer's ``suggested`` person ids
     (-1 = none) and the user's ``word``; ``next_id`` is the first id never used in this index."""
     n = len(face_ids)
-    words = [word.get(int(f), FaceWord()) for f in face_ids.tolist()]
-    active = np.array([not w.ignored for w in words], bool)
-    tied = np.array([w.person if w.person is not None else -1 for w in words], np.int64)
-    forbidden = {i: set(w.not_persons) for i, w in enumerate(words) if w.not_persons}
+    active, tied, forbidden = _word_arrays(face_ids, word)
     labels, fresh = _suggested_to_persons(x, np.asarray(suggested, np.int64), tied, active, forbidden, next_id,
                                           pull_similarity)
     # Step 4: faces sent to a person they must never join.
