@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_query.py
 	$(BIN)/python benchmarks/bench_cluster.py
 	$(BIN)/python benchmarks/bench_cli.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_INDEX) .pytest_cache .ruff_cache
