@@ -1,6 +1,6 @@
 """CLI start-up benchmark: whole-process wall time of commands that run no model, beside importing torch.
 
-Run: ``python benchmarks/bench_cli.py [--json] [--repeats 5]`` (LFW from $FACEINDEX_DATA or ../shared/data).
+Run: ``python benchmarks/bench_cli.py [--json] [--repeats 5] [--smoke]`` (LFW from $FACEINDEX_DATA or ../shared/data).
 
 An index of the LFW dev-train photos (one face per photo, vectors from the cached LFW embeddings, so building it
 runs no model) answers `status`, `people list` and `query --face-id`, each run as a fresh process (median of
@@ -11,6 +11,7 @@ imported torch could not be faster than it.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -23,7 +24,7 @@ if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the r
 
 import numpy as np
 
-from benchmarks.lfw_data import Recorder, lfw_embeddings, require_data
+from benchmarks.lfw_data import SMOKE_NOTE, Recorder, lfw_embeddings, lfw_images, lfw_sample, require_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,11 +66,14 @@ def main() -> None:
     parser.add_argument("--out", help="also write <name>.json and <name>.txt into this folder")
     args = parser.parse_args()
     rec = Recorder(args.out, "bench_cli")
-    data = lfw_embeddings(require_data())
-    vectors, people = data["vectors"], data["people"]
+    root = require_data()
     repeats = 1 if args.smoke else args.repeats
     if args.smoke:
-        vectors, people = vectors[:200], people[:200]
+        # The first 200 photos: from the embedding cache when it exists, else embedded now (not all of LFW).
+        data = lfw_sample(root, [os.path.relpath(p, root) for p in lfw_images(root)[0][:200]])
+    else:
+        data = lfw_embeddings(root)
+    vectors, people = data["vectors"], data["people"]
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(tmp) / "index"
         build_index(index, vectors, people)
@@ -77,6 +81,7 @@ def main() -> None:
         result = {
             "faces": len(vectors),
             "repeats": repeats,
+            **({"smoke": True} if args.smoke else {}),
             "status_s": wall([*faceindex, "status", "--index", str(index)], repeats),
             "people_list_s": wall([*faceindex, "people", "list", "--index", str(index)], repeats),
             "query_face_id_s": wall([*faceindex, "query", "--face-id", "1", "--index", str(index)], repeats),
@@ -85,6 +90,8 @@ def main() -> None:
     result = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
     if rec.json(result, to_stdout=args.json):
         return
+    if args.smoke:
+        rec.print(SMOKE_NOTE)
     rec.print(f"faceindex CLI start-up: whole-process wall time, median of {repeats}, index of {result['faces']} "
               "LFW faces (no model runs)")
     for key, label in (("status_s", "faceindex status"), ("people_list_s", "faceindex people list"),

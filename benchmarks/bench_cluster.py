@@ -7,6 +7,9 @@ Run from the repository root:  .venv/bin/python -m benchmarks.bench_cluster [--j
 (b) Every identity method on all of LFW dev-train (one face per photo), scored against the true people, with the
     threshold sweeps behind the chosen parameters. LFW View 1 is LFW's own tuning set, so tuning on it is
     legitimate; the sweeps are printed so the choice can be checked.
+
+``--smoke`` runs both parts on tiny sizes to check that the script works, in seconds: (a) on ``SMOKE_KMEANS``,
+one round, one thread; (b) on ``SMOKE_PHOTOS`` LFW photos (not all of LFW) with ``SMOKE_SETS`` small collections.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the repo root first, so `benchmarks` imports
@@ -25,7 +29,7 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from benchmarks.lfw_data import lfw_embeddings
+from benchmarks.lfw_data import SMOKE_NOTE, SMOKE_THREADS, lfw_embeddings, lfw_sample, require_data, smoke_photos
 from indexer.cluster import cluster_identities, external_scores, fit_kmeans
 
 SEED = 1234
@@ -34,6 +38,24 @@ SYNTH_PEOPLE = 2000   # 50 faces each
 SMALL_SETS = 30
 SHARED_INIT_ROUNDS = 5
 TARGET_PAIRWISE, TARGET_BCUBED = 0.98, 0.94
+
+
+@dataclass(frozen=True)
+class KMeansSize:
+    """The K-Means comparison's problem: ``n`` synthetic faces of ``people`` identities, ``k`` clusters."""
+    n: int
+    k: int
+    niter: int
+    people: int
+    shared_init_rounds: int
+
+
+FULL_KMEANS = KMeansSize(N_SYNTH, K_SYNTH, NITER, SYNTH_PEOPLE, SHARED_INIT_ROUNDS)
+# --smoke: 4,000 faces of 80 identities, k=20, 5 iterations, one round (sub-second fits, every row of the table).
+SMOKE_KMEANS = KMeansSize(4000, 20, 5, 80, 1)
+# --smoke photos: 15 people x 5 photos (12 of them make each small collection) + 45 strangers; 3 small collections.
+SMOKE_PHOTOS = {"people": 15, "per_person": 5, "others": 45}
+SMOKE_SETS = 3
 
 
 class Report:
@@ -97,16 +119,19 @@ def cosine_objective(x: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sum(1.0 - np.sum(x * sums[labels], axis=1) / np.maximum(norms[labels], 1e-12)))
 
 
-def bench_kmeans(vectors: np.ndarray, people: np.ndarray, threads: int, repeats: int, report: Report) -> dict:
+def bench_kmeans(vectors: np.ndarray, people: np.ndarray, threads: int, repeats: int, report: Report,
+                 size: KMeansSize = FULL_KMEANS) -> dict:
     """(a) FAISS spherical K-Means (fit_kmeans) against scikit-learn KMeans on the same synthetic 100k x 512."""
     from sklearn.cluster import KMeans
 
     from indexer.cluster.kmeans import kmeanspp_seeds
 
-    x = synthetic_faces(vectors, people, N_SYNTH, SYNTH_PEOPLE, SEED)
-    report(f"(a) K-Means, {N_SYNTH} x {x.shape[1]} synthetic faces ({SYNTH_PEOPLE} identities x "
-           f"{N_SYNTH // SYNTH_PEOPLE}), k={K_SYNTH}, {NITER} iterations for both, n_init=1, {threads} threads "
-           f"unless stated; best of {SHARED_INIT_ROUNDS} (shared init) / {repeats} (own seeding), alternating the two")
+    n, k, niter = size.n, size.k, size.niter
+    x = synthetic_faces(vectors, people, n, size.people, SEED)
+    report(f"(a) K-Means, {n} x {x.shape[1]} synthetic faces ({size.people} identities x "
+           f"{n // size.people}), k={k}, {niter} iterations for both, n_init=1, {threads} threads "
+           f"unless stated; best of {size.shared_init_rounds} (shared init) / {repeats} (own seeding), alternating "
+           "the two")
     report("    data: identity centers ~ Gaussian fitted to the real LFW identity centroids (mean + covariance); "
            "face = center + a real LFW within-person residual, L2-normalised")
     report(f"    machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start (shared with other "
@@ -127,9 +152,9 @@ def bench_kmeans(vectors: np.ndarray, people: np.ndarray, threads: int, repeats:
     # Shared init: both start from the same k-means++ centers, so the ratio is the cost of the 25 iterations plus
     # the final assignment, i.e. what FAISS does differently (train on <= 256 points per centroid, then assign all).
     # tol=0 so scikit-learn runs every iteration unless its labels stop changing altogether.
-    init = kmeanspp_seeds(x, K_SYNTH, seed=SEED)
-    sk_same = KMeans(n_clusters=K_SYNTH, n_init=1, max_iter=NITER, tol=0.0, init=init, algorithm="lloyd")
-    sk_own = KMeans(n_clusters=K_SYNTH, n_init=1, max_iter=NITER, tol=0.0, algorithm="lloyd", random_state=SEED)
+    init = kmeanspp_seeds(x, k, seed=SEED)
+    sk_same = KMeans(n_clusters=k, n_init=1, max_iter=niter, tol=0.0, init=init, algorithm="lloyd")
+    sk_own = KMeans(n_clusters=k, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=SEED)
     runs = []
     # On a box shared with other jobs, OpenMP threads that spin-wait for busy cores can cost more than they bring
     # (scikit-learn's k-means++ and FAISS suffer most), so the one-thread figures are shown beside them.
@@ -137,13 +162,13 @@ def bench_kmeans(vectors: np.ndarray, people: np.ndarray, threads: int, repeats:
         faiss.omp_set_num_threads(n_threads)
         with threadpool_limits(limits=n_threads):
             (t_f, t_s), (ours, sk) = timed_pair(
-                lambda: fit_kmeans(x, K_SYNTH, seed=SEED, niter=NITER, init_centers=init),
-                lambda: sk_same.fit(x), SHARED_INIT_ROUNDS)
-            runs.append(("faiss fit_kmeans, shared init", n_threads, t_f, ours.labels, NITER))
+                lambda: fit_kmeans(x, k, seed=SEED, niter=niter, init_centers=init),
+                lambda: sk_same.fit(x), size.shared_init_rounds)
+            runs.append(("faiss fit_kmeans, shared init", n_threads, t_f, ours.labels, niter))
             runs.append(("sklearn KMeans, shared init", n_threads, t_s, sk.labels_, sk.n_iter_))
-            (t_f, t_s), (ours, sk) = timed_pair(lambda: fit_kmeans(x, K_SYNTH, seed=SEED, niter=NITER),
+            (t_f, t_s), (ours, sk) = timed_pair(lambda: fit_kmeans(x, k, seed=SEED, niter=niter),
                                                 lambda: sk_own.fit(x), repeats)
-            runs.append(("faiss fit_kmeans, k-means++ on a sample", n_threads, t_f, ours.labels, NITER))
+            runs.append(("faiss fit_kmeans, k-means++ on a sample", n_threads, t_f, ours.labels, niter))
             runs.append(("sklearn KMeans, k-means++ on all rows", n_threads, t_s, sk.labels_, sk.n_iter_))
     faiss.omp_set_num_threads(threads)
 
@@ -166,13 +191,13 @@ def bench_kmeans(vectors: np.ndarray, people: np.ndarray, threads: int, repeats:
         "inertia_ratio_own_seeding": ratio(2, 3, 3),
         "cosine_objective_ratio": ratio(0, 1, 4),
         "kmeans_seconds": {f"{name} ({nt} thread{'s' if nt > 1 else ''})": secs for name, nt, secs, *_ in rows},
-        "kmeans_setup": {"n": N_SYNTH, "d": int(x.shape[1]), "k": K_SYNTH, "niter": NITER, "threads": threads,
-                         "repeats": repeats, "synthetic_identities": SYNTH_PEOPLE},
+        "kmeans_setup": {"n": n, "d": int(x.shape[1]), "k": k, "niter": niter, "threads": threads,
+                         "repeats": repeats, "synthetic_identities": size.people},
     }
     report(f"    speedup sklearn/faiss, shared init: {result['kmeans_speedup_vs_sklearn']:.2f}x with {threads} threads "
            f"(target >= 2.5x), {result['kmeans_speedup_1_thread']:.2f}x on 1 thread; each with its own seeding: "
            f"{result['kmeans_speedup_own_seeding']:.2f}x / {result['kmeans_speedup_own_seeding_1_thread']:.2f}x")
-    report(f"    inertia faiss/sklearn over all {N_SYNTH} points (SSE to cluster means): {result['inertia_ratio']:.4f} "
+    report(f"    inertia faiss/sklearn over all {n} points (SSE to cluster means): {result['inertia_ratio']:.4f} "
            f"(target <= 1.01); own seeding: {result['inertia_ratio_own_seeding']:.4f}; "
            f"spherical objective (sum of 1 - cos to the normalised mean): {result['cosine_objective_ratio']:.4f}")
     return result
@@ -211,12 +236,12 @@ def small_collections(people: np.ndarray, n_sets: int = SMALL_SETS) -> list[np.n
     return sets
 
 
-def bench_identities(x: np.ndarray, people: np.ndarray, report: Report) -> dict:
+def bench_identities(x: np.ndarray, people: np.ndarray, report: Report, n_sets: int = SMALL_SETS) -> dict:
     """(b) Every identity method on LFW dev-train, at the library defaults, then the sweeps behind them."""
     from indexer.cluster.identity import DEFAULT_PAIR_MARGIN, DEFAULT_THRESHOLD, average_linkage_forest, renumber
 
     n_people = len(np.unique(people))
-    subsets = small_collections(people)
+    subsets = small_collections(people, n_sets)
     report()
     report(f"(b) Identity clustering of LFW dev-train: {x.shape[0]} faces (one per photo), {n_people} people. "
            "Noise (-1) counts as singleton clusters; singletons are 1/3 of the people.")
@@ -315,21 +340,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (tables go to stderr)")
     parser.add_argument("--out", type=Path, help="write bench_cluster.txt and bench_cluster.json into this folder")
-    parser.add_argument("--threads", type=int, default=2, help="threads for both FAISS and scikit-learn (default 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"threads for both FAISS and scikit-learn (default 2; --smoke: {SMOKE_THREADS})")
     parser.add_argument("--repeats", type=int, default=1, help="timing repeats, best kept (default 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds): checks the script runs")
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = SMOKE_THREADS if args.smoke else 2
 
     report = Report(sys.stderr if args.json else sys.stdout)
-    data = lfw_embeddings()
+    if args.smoke:
+        report(SMOKE_NOTE)
+        root = require_data()
+        data = lfw_sample(root, smoke_photos(root, **SMOKE_PHOTOS))
+    else:
+        data = lfw_embeddings()
     x = np.ascontiguousarray(data["vectors"], dtype=np.float32)
     people = data["people"]
     report(f"faceindex clustering benchmark: LFW dev-train embeddings {x.shape}, "
            f"{int(data['found'].sum())} with an MTCNN face (others: fixed central box)")
     started = time.perf_counter()
-    result = bench_kmeans(x, people, args.threads, args.repeats, report)
+    result = bench_kmeans(x, people, args.threads, args.repeats, report, SMOKE_KMEANS if args.smoke else FULL_KMEANS)
     faiss.omp_set_num_threads(args.threads)
     with threadpool_limits(limits=args.threads):
-        result.update(bench_identities(x, people, report))
+        result.update(bench_identities(x, people, report, SMOKE_SETS if args.smoke else SMALL_SETS))
+    if args.smoke:
+        result["smoke"] = True
     report(f"total {time.perf_counter() - started:.0f} s")
     text = json.dumps(result, indent=2)
     if args.out:

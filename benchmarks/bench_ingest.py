@@ -1,6 +1,7 @@
 """Ingest benchmark: the seed's one-image-at-a-time loop vs ``faceindex ingest``, side by side in one process.
 
-Run: ``python -m benchmarks.bench_ingest [--n 500] [--json]`` (LFW from $FACEINDEX_DATA or ../shared/data).
+Run: ``python -m benchmarks.bench_ingest [--n 500] [--json] [--smoke]`` (LFW from $FACEINDEX_DATA or
+../shared/data). ``--smoke``: both ways on ``SMOKE_N`` photos, one thread, to check that the script works.
 
 (a) seed loop: for each photo, facenet-pytorch ``MTCNN(keep_all=True)`` crops every face, then
     ``InceptionResnetV1`` embeds each face with batch 1 (same weights as faceindex);
@@ -27,7 +28,10 @@ import numpy as np
 import psutil
 import torch
 
-from benchmarks.lfw_data import Recorder, lfw_images, require_data
+from benchmarks.lfw_data import SMOKE_NOTE, SMOKE_THREADS, Recorder, lfw_images, require_data
+
+FULL_N = 500   # the recorded figure
+SMOKE_N = 8    # a few photos: one pipeline batch, still several quarters of progress to sample memory at
 
 
 def pick_images(root, n: int) -> list[str]:
@@ -90,26 +94,32 @@ def faceindex_ingest(paths: list[str], detector, embedder) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=500, help="LFW photos (>= 500 for the recorded figure)")
+    parser.add_argument("--n", type=int, default=None,
+                        help=f"LFW photos (default {FULL_N}, >= {FULL_N} for the recorded figure; --smoke: {SMOKE_N})")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", default=None, help="also write <name>.json and <name>.txt into this folder")
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_N} photos on one thread: checks the script runs")
     args = parser.parse_args()
+    n = args.n if args.n is not None else SMOKE_N if args.smoke else FULL_N
     root = require_data()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(SMOKE_THREADS if args.smoke else os.cpu_count() or 1)
     from indexer.models.detector import FaceDetector
     from indexer.models.embedder import FaceEmbedder
 
     embedder, detector = FaceEmbedder(), FaceDetector()
-    paths = pick_images(root, args.n)
+    paths = pick_images(root, n)
     seed_ips, seed_faces = seed_loop(paths, embedder)
     ours = faceindex_ingest(paths, detector, embedder)
     result = {"n_images": len(paths), "threads": torch.get_num_threads(), "seed_loop_ips": round(seed_ips, 2),
               "faceindex_ips": round(ours["ips"], 2), "ratio": round(ours["ips"] / seed_ips, 2),
               "seed_faces": seed_faces, "faceindex_faces": ours["faces"], "peak_rss_mb": ours["peak_rss_mb"],
-              "rss_mb_by_progress": ours["rss_mb_by_progress"], "stage_seconds": ours["stages"]}
+              "rss_mb_by_progress": ours["rss_mb_by_progress"], "stage_seconds": ours["stages"],
+              **({"smoke": True} if args.smoke else {})}
     rec = Recorder(args.out, "bench_ingest")
     if rec.json(result, args.json):
         return
+    if args.smoke:
+        rec.print(SMOKE_NOTE)
     rec.print(f"{len(paths)} LFW photos, {result['threads']} CPU threads")
     rec.print(f"  (a) seed loop (MTCNN per image, embed batch 1): {seed_ips:7.2f} images/s  ({seed_faces} faces)")
     rec.print(f"  (b) faceindex ingest:                          {ours['ips']:7.2f} images/s  ({ours['faces']} faces)")

@@ -1,6 +1,8 @@
 """Model benchmark: LFW verification accuracy, embedder faces/s by batch size and variant, MTCNN images/s.
 
-Run: ``python -m benchmarks.bench_models [--json]`` (LFW from $FACEINDEX_DATA or ../shared/data).
+Run: ``python -m benchmarks.bench_models [--json] [--smoke]`` (LFW from $FACEINDEX_DATA or ../shared/data).
+
+``--smoke`` runs every part on tiny sizes (see ``SMOKE``) to check that the script works; its figures mean nothing.
 
 - Verification: 10-fold accuracy with the best threshold of the 9 other folds, on LFW View 1's
   ``pairsDevTrain.txt`` (1100 same + 1100 different pairs), each photo embedded by the face nearest its centre.
@@ -25,7 +27,20 @@ if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the r
 import numpy as np
 import torch
 
-from benchmarks.lfw_data import Recorder, lfw_embeddings, lfw_images, require_data
+from benchmarks.lfw_data import (
+    SMOKE_NOTE,
+    SMOKE_THREADS,
+    Recorder,
+    lfw_embeddings,
+    lfw_images,
+    lfw_sample,
+    require_data,
+)
+
+# The recorded figures: all 2,200 pairs, batch 1/16/64 on 128 faces, MTCNN on 96 photos. --smoke: 10 same + 10
+# different pairs (one of each per fold), batch 1 and 16 on 16 faces (64 alone would cost ~10 s), MTCNN on 8 photos.
+FULL = {"pairs_each": None, "batch_sizes": (1, 16, 64), "faces": 128, "mtcnn_images": 96}
+SMOKE = {"pairs_each": 10, "batch_sizes": (1, 16), "faces": 16, "mtcnn_images": 8}
 
 
 def read_pairs(path: str) -> list[tuple[str, str, bool]]:
@@ -60,10 +75,16 @@ def ten_fold_accuracy(sims: np.ndarray, same: np.ndarray) -> tuple[float, float,
     return float(np.mean(accs)), float(np.std(accs)), float(np.mean(chosen))
 
 
-def verification(root) -> dict:
-    data = lfw_embeddings(root)
-    where = {p.split("lfw-devtrain/")[-1]: i for i, p in enumerate(data["paths"].tolist())}
+def verification(root, pairs_each: int | None = None) -> dict:
+    """10-fold accuracy on all of pairsDevTrain, or on its first ``pairs_each`` same and different pairs."""
     pairs = read_pairs(str(root / "meta" / "lfw" / "pairsDevTrain.txt"))
+    if pairs_each is None:
+        data = lfw_embeddings(root)
+    else:
+        pairs = [p for p in pairs if p[2]][:pairs_each] + [p for p in pairs if not p[2]][:pairs_each]
+        # Only the photos of these pairs: a smoke run must not embed all of LFW when the cache is absent.
+        data = lfw_sample(root, sorted({f"lfw-devtrain/{photo}" for p in pairs for photo in p[:2]}))
+    where = {p.split("lfw-devtrain/")[-1]: i for i, p in enumerate(data["paths"].tolist())}
     a = np.array([where[p[0]] for p in pairs])
     b = np.array([where[p[1]] for p in pairs])
     same = np.array([p[2] for p in pairs])
@@ -133,23 +154,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", default=None, help="also write <name>.json and <name>.txt into this folder")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds): checks the script runs")
     args = parser.parse_args()
     root = require_data()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(SMOKE_THREADS if args.smoke else os.cpu_count() or 1)
     from indexer.models.detector import FaceDetector
     from indexer.models.embedder import FaceEmbedder
 
     embedder = FaceEmbedder()
     detector = FaceDetector()
+    size = SMOKE if args.smoke else FULL
     result = {"model": embedder.fingerprint, "precision": embedder.precision, "threads": torch.get_num_threads(),
-              **verification(root)}
-    speeds = embed_speed(embedder)
+              **({"smoke": True} if args.smoke else {}), **verification(root, size["pairs_each"])}
+    speeds = embed_speed(embedder, size["batch_sizes"], size["faces"])
     result["embed_fps_by_variant"] = speeds
     result["embed_fps"] = {str(bs): max(v.values()) for bs, v in speeds.items()}
-    result.update(mtcnn_speed(detector, root))
+    result.update(mtcnn_speed(detector, root, size["mtcnn_images"]))
     rec = Recorder(args.out, "bench_models")
     if rec.json(result, args.json):
         return
+    if args.smoke:
+        rec.print(SMOKE_NOTE)
     rec.print(f"model {result['model']} ({result['precision']}) on {result['threads']} CPU threads")
     rec.print(f"LFW verification (View 1 pairsDevTrain, {result['pairs']} pairs, 10-fold, best threshold): "
           f"{result['lfw_verification_acc']:.4f} +- {result['lfw_verification_std']:.4f} "

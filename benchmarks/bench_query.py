@@ -17,6 +17,11 @@ index at ``--n``: build time, recall@10 and p50/p99 latency on a second, held-ou
 vectors searched one at a time at k=10 through ``VectorIndex.search``; each query's own id is dropped from its
 results and from the ground truth (exact inner product, all queries in one batch).
 Results go to benchmarks/results/bench_query.{txt,json} (``--out ''`` to skip). About 3 minutes on 2 cores at 1M.
+
+``--smoke`` checks that the script works, in seconds: the face model fitted to ``SMOKE_PHOTOS`` LFW photos (not all
+of LFW), ``EXACT_MAX_VECTORS + SMOKE_N_OVER_EXACT`` vectors (60,000: just above the exact threshold, so an IVF
+index is built and its nprobe swept), ``SMOKE_QUERIES`` queries, one thread; nothing is written unless ``--out``
+is given.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ NPROBES = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 # Sizes where choose_index picks other list counts (1,024 and 2,048) than at 1M (4,096), for their own nprobe rows.
 CALIBRATION_SIZES = (100_000, 300_000)
 EXACT_TIME_PER_SIZE_S = 2.0      # enough single queries for a stable median without minutes at 1M
+FULL_N, FULL_QUERIES = 1_000_000, 200
+SMOKE_N_OVER_EXACT = 10_000      # --smoke: EXACT_MAX_VECTORS + this, the smallest size that still takes the IVF path
+SMOKE_QUERIES = 20
+# --smoke photos for the face model: 20 people x 4 photos (the within-person spread needs repeats) + 40 strangers.
+SMOKE_PHOTOS = {"people": 20, "per_person": 4, "others": 40}
 
 
 @dataclass
@@ -197,14 +207,19 @@ def sweep_nprobe(index, xb: np.ndarray, query_ids: np.ndarray, truth: np.ndarray
 
 
 def run(args: argparse.Namespace, say) -> dict:
-    from benchmarks.lfw_data import lfw_embeddings
+    from benchmarks.lfw_data import SMOKE_THREADS, lfw_embeddings, lfw_sample, require_data, smoke_photos
     from indexer.store.choose import EXACT_MAX_VECTORS, NPROBE_RECALL, choose_index, pca_dim
     from indexer.store.vectors import VectorIndex
 
-    faiss.omp_set_num_threads(THREADS)
+    threads = SMOKE_THREADS if args.smoke else THREADS
+    faiss.omp_set_num_threads(threads)
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(args.seed)
-    lfw = lfw_embeddings()
+    if args.smoke:
+        root = require_data()
+        lfw = lfw_sample(root, smoke_photos(root, **SMOKE_PHOTOS))
+    else:
+        lfw = lfw_embeddings()
     real, people = lfw["vectors"][lfw["found"]], lfw["people"][lfw["found"]]
     model = fit_face_model(real, people)
     t = time.perf_counter()
@@ -256,7 +271,7 @@ def run(args: argparse.Namespace, say) -> dict:
     build_s = time.perf_counter() - t
     choice = index.choice
     say(f"\nVectorIndex.build at n={args.n:,}: {choice.key} nprobe={choice.nprobe} refine={choice.refine}x in "
-        f"{build_s:.1f} s ({THREADS} threads)\n  reason: {choice.reason}")
+        f"{build_s:.1f} s ({threads} thread{'s' if threads > 1 else ''})\n  reason: {choice.reason}")
     if choice.nlist:
         say(f"{choice.key}, {len(calibration_ids)} calibration queries:")
         calibration[choice.nlist] = sweep_nprobe(index, xb, calibration_ids, calibration_truth, say)
@@ -277,30 +292,50 @@ def run(args: argparse.Namespace, say) -> dict:
     return {"n": args.n, "index": choice.key, "nprobe": choice.nprobe, "refine": choice.refine,
             "build_s": round(build_s, 2), "recall_at_10": round(final["recall_at_10"], 4),
             "p50_ms": round(final["p50_ms"], 3), "p99_ms": round(final["p99_ms"], 3), "target_met": met,
-            "queries": len(validation_ids), "threads_build": THREADS, "faiss": faiss.__version__,
+            "queries": len(validation_ids), "threads_build": threads, "faiss": faiss.__version__,
             "load_average": [load_before, load_after], "exact_latency": exact_rows,
             "exact_max_measured_within_target": within,
             "exact_fit_crosses_target_at": crossing, "nprobe_calibration": calibration, "figures": figures,
-            "reason": choice.reason}
+            "reason": choice.reason, **({"smoke": True} if args.smoke else {})}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1_000_000, help="vectors in the index")
-    parser.add_argument("--queries", type=int, default=200, help="single queries timed per setting")
+    parser.add_argument("--n", type=int, default=None,
+                        help=f"vectors in the index (default {FULL_N:,}; --smoke: EXACT_MAX_VECTORS + "
+                             f"{SMOKE_N_OVER_EXACT:,})")
+    parser.add_argument("--queries", type=int, default=None,
+                        help=f"single queries timed per setting (default {FULL_QUERIES}; --smoke: {SMOKE_QUERIES})")
     parser.add_argument("--photos-per-id", type=float, default=5.0, help="mean photos per synthetic identity")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
-                        help="folder for bench_query.txt/.json; '' to skip")
+    parser.add_argument("--out", default=None,
+                        help="folder for bench_query.txt/.json (default benchmarks/results, none with --smoke); "
+                             "'' to skip")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds): checks the script runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        from indexer.store.choose import EXACT_MAX_VECTORS
+
+        args.n = args.n if args.n is not None else EXACT_MAX_VECTORS + SMOKE_N_OVER_EXACT
+        args.queries = args.queries if args.queries is not None else SMOKE_QUERIES
+        # A smoke run's figures must never replace the recorded ones.
+        args.out = args.out if args.out is not None else ""
+    else:
+        args.n = args.n if args.n is not None else FULL_N
+        args.queries = args.queries if args.queries is not None else FULL_QUERIES
+        args.out = args.out if args.out is not None else str(REPO / "benchmarks" / "results")
     lines: list[str] = []
 
     def say(line: str) -> None:
         lines.append(line)
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    if args.smoke:
+        from benchmarks.lfw_data import SMOKE_NOTE
+
+        say(SMOKE_NOTE)
     result = run(args, say)
     if args.json:
         print(json.dumps(result))

@@ -1,7 +1,8 @@
 """Daemon benchmark: trickle latency, burst throughput relative to ``faceindex ingest``, daemon memory.
 
-Run: ``python -m benchmarks.bench_watch [--burst 1000] [--trickle 20] [--json]`` (LFW from $FACEINDEX_DATA or
-../shared/data).
+Run: ``python -m benchmarks.bench_watch [--burst 1000] [--trickle 20] [--json] [--smoke]`` (LFW from
+$FACEINDEX_DATA or ../shared/data). ``--smoke``: a burst of ``SMOKE_BURST`` and a trickle of ``SMOKE_TRICKLE``,
+the daemon and the ingest on one thread, to check that the script works (most of its time is the two model loads).
 
 - Trickle: with the daemon running, single photos are copied in one at a time; latency is from the end of a file's
   last write to its faces being committed (a query from another process sees them then). Target p50: settle_s + 1 s.
@@ -27,9 +28,11 @@ from pathlib import Path
 if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the repo root first, so `benchmarks` imports
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lfw_data import Recorder, lfw_images, require_data
+from benchmarks.lfw_data import SMOKE_NOTE, SMOKE_THREADS, Recorder, lfw_images, require_data
 
 REPO = Path(__file__).resolve().parent.parent
+FULL_BURST, FULL_TRICKLE = 1000, 20   # the recorded figures
+SMOKE_BURST, SMOKE_TRICKLE = 6, 2     # two single files still give a p50 and a p95
 
 
 def committed(index: Path, paths: set[str] | None = None) -> int:
@@ -70,12 +73,19 @@ def peak_rss_mb(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--burst", type=int, default=1000)
-    parser.add_argument("--trickle", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=None,
+                        help=f"photos copied in at once (default {FULL_BURST}; --smoke: {SMOKE_BURST})")
+    parser.add_argument("--trickle", type=int, default=None,
+                        help=f"photos copied in one at a time (default {FULL_TRICKLE}; --smoke: {SMOKE_TRICKLE})")
     parser.add_argument("--settle", type=float, default=1.0, help="watch.settle_s for this run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", default=None, help="also write <name>.json and <name>.txt into this folder")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds): checks the script runs")
     args = parser.parse_args()
+    if args.burst is None:
+        args.burst = SMOKE_BURST if args.smoke else FULL_BURST
+    if args.trickle is None:
+        args.trickle = SMOKE_TRICKLE if args.smoke else FULL_TRICKLE
     root = require_data()
     paths, _ = lfw_images(root)
     step = max(1, len(paths) // (args.burst + args.trickle))
@@ -90,6 +100,8 @@ def main() -> None:
         config = tmp / "config.toml"
         config.write_text(f"[watch]\nsettle_s = {args.settle}\n")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args.smoke:  # torch reads it at start-up: the ingest and the daemon compute on one thread
+            env["OMP_NUM_THREADS"] = str(SMOKE_THREADS)
 
         # (a) faceindex ingest of the burst photos
         out = subprocess.run([sys.executable, "-m", "indexer", "ingest", "--index", str(tmp / "ingest"),
@@ -129,10 +141,13 @@ def main() -> None:
         "latency_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
         "ingest_ips": round(len(burst) / ingest_s, 2), "watch_burst_ips": round(len(burst) / watch_s, 2),
         "burst_ratio": round(ingest_s / watch_s, 3), "peak_rss_mb": round(rss, 1),
+        **({"smoke": True} if args.smoke else {}),
     }
     rec = Recorder(args.out, "bench_watch")
     if rec.json(result, args.json):
         return
+    if args.smoke:
+        rec.print(SMOKE_NOTE)
     rec.print(f"trickle of {len(trickle)} single files (settle_s {args.settle}): latency p50 "
           f"{result['latency_p50_s']:.2f} s, p95 {result['latency_p95_s']:.2f} s "
           f"(target p50 <= settle + 1 s = {args.settle + 1:.1f} s)")

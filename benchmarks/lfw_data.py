@@ -18,6 +18,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+# The first line a --smoke run prints, so its table is never taken for a measurement.
+SMOKE_NOTE = "--smoke run: tiny sizes; it checks that the benchmark runs, its figures measure nothing"
+# --smoke runs compute on one thread (torch, FAISS, and OMP_NUM_THREADS for the processes they start): on a shared
+# 2-core box where other work holds a core, two OpenMP threads wait on each other far more than they compute
+# (measured: one face through the embedder in 44 ms on one thread, 2.7 s on two), and a smoke run has no figure
+# worth the second thread.
+SMOKE_THREADS = 1
 # LFW deep-funneled images are 250x250 with the face centred; this box covers it when MTCNN finds nothing.
 FALLBACK_BOX = (70.0, 58.0, 180.0, 192.0)
 
@@ -80,6 +87,58 @@ def embed_centre_faces(paths: list[str], detector, embedder, batch: int = 64, pr
     return vectors, found
 
 
+def embedding_cache(embedder) -> Path:
+    """Where ``lfw_embeddings`` keeps the embeddings of all of lfw-devtrain for this model and precision."""
+    from indexer.models.weights import cache_dir
+
+    name = f"lfw-devtrain-{embedder.fingerprint.replace(':', '-')}-{embedder.precision}.npz"
+    return cache_dir() / "bench" / name
+
+
+def smoke_photos(root: Path, people: int, per_person: int, others: int) -> list[str]:
+    """A few lfw-devtrain photos (paths relative to ``root``) for a ``--smoke`` run: the first ``per_person``
+    photos of the first ``people`` people with at least 4 photos (clustering and the face model need repeated
+    identities), then the first photo of each of the next ``others`` people with fewer (strangers)."""
+    many, rest = [], []
+    for person in sorted(os.listdir(root / "lfw-devtrain")):
+        names = sorted(os.listdir(root / "lfw-devtrain" / person))
+        if len(names) >= 4 and len(many) < people * per_person:
+            many += [f"lfw-devtrain/{person}/{n}" for n in names[:per_person]]
+        elif len(names) < 4 and len(rest) < others:
+            rest.append(f"lfw-devtrain/{person}/{names[0]}")
+        if len(many) >= people * per_person and len(rest) >= others:
+            break
+    return many + rest
+
+
+def lfw_sample(root: Path, rel_paths: list[str]) -> dict[str, np.ndarray]:
+    """What ``lfw_embeddings`` returns, for these photos only (paths relative to ``root``, in this order).
+
+    For ``--smoke`` runs: the rows come from the embedding cache when it exists (the same vectors a full run uses),
+    else the photos are embedded now, the same way; a smoke run never waits for all 9,525 photos to be embedded.
+    """
+    import torch
+
+    from indexer.config import DetectorSettings
+    from indexer.models.detector import FaceDetector
+    from indexer.models.embedder import FaceEmbedder
+
+    torch.set_num_threads(SMOKE_THREADS)
+    embedder = FaceEmbedder()
+    people = np.array([Path(p).parent.name for p in rel_paths])
+    target = embedding_cache(embedder)
+    if target.is_file():
+        with np.load(target, allow_pickle=False) as data:
+            row = {p: i for i, p in enumerate(data["paths"].tolist())}
+            rows = np.array([row[p] for p in rel_paths], np.int64)
+            return {"paths": np.array(rel_paths), "people": people, "vectors": data["vectors"][rows],
+                    "found": data["found"][rows]}
+    print(f"  smoke: no LFW embedding cache at {target}; embedding {len(rel_paths)} photos now", file=sys.stderr)
+    detector = FaceDetector(DetectorSettings(min_prob=0.5))
+    vectors, found = embed_centre_faces([str(root / p) for p in rel_paths], detector, embedder, progress=False)
+    return {"paths": np.array(rel_paths), "people": people, "vectors": vectors, "found": found}
+
+
 def lfw_embeddings(root: Path | None = None) -> dict[str, np.ndarray]:
     """Embeddings of all of lfw-devtrain with the default models, computed once and cached by model fingerprint
     and embedder precision.
@@ -91,13 +150,11 @@ def lfw_embeddings(root: Path | None = None) -> dict[str, np.ndarray]:
     from indexer.config import DetectorSettings
     from indexer.models.detector import FaceDetector
     from indexer.models.embedder import FaceEmbedder
-    from indexer.models.weights import cache_dir
 
     root = root or require_data()
     torch.set_num_threads(os.cpu_count() or 1)
     embedder = FaceEmbedder()
-    name = f"lfw-devtrain-{embedder.fingerprint.replace(':', '-')}-{embedder.precision}.npz"
-    target = cache_dir() / "bench" / name
+    target = embedding_cache(embedder)
     if target.is_file():
         with np.load(target, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}

@@ -1,0 +1,97 @@
+"""The benchmark suite runs as documented (issue 15): every ``benchmarks/bench_*.py`` answers ``--help`` from any
+folder (``make bench`` once broke on exactly that), and each one's ``--smoke --json`` run ends well and prints the
+keys that the README's benchmark table and the issues quote. No timing is asserted: a smoke run's figures mean
+nothing, and this machine is shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = sorted((REPO / "benchmarks").glob("bench_*.py"))
+RESULTS = REPO / "benchmarks" / "results"
+
+# What each script's --json must hold: the figures the README's table (and the issues) quote.
+KEYS: dict[str, set[str]] = {
+    "bench_models": {"model", "precision", "lfw_verification_acc", "lfw_verification_std", "threshold_cosine",
+                     "embed_fps", "embed_fps_by_variant", "mtcnn_ips_single", "mtcnn_ips_batched",
+                     "facenet_mtcnn_ips_batched"},
+    "bench_ingest": {"n_images", "seed_loop_ips", "faceindex_ips", "ratio", "peak_rss_mb", "rss_mb_by_progress",
+                     "stage_seconds"},
+    "bench_query": {"n", "index", "nprobe", "build_s", "recall_at_10", "p50_ms", "p99_ms", "target_met",
+                    "exact_latency", "nprobe_calibration", "figures"},
+    "bench_cluster": {"kmeans_speedup_vs_sklearn", "kmeans_speedup_1_thread", "inertia_ratio", "kmeans_setup",
+                      "default_method", "methods", "adaptive_choice"},
+    "bench_watch": {"latency_p50_s", "latency_p95_s", "ingest_ips", "watch_burst_ips", "burst_ratio",
+                    "peak_rss_mb"},
+    "bench_cli": {"status_s", "people_list_s", "query_face_id_s", "torch_import_s"},
+    "bench_serve": {"people_page_p50_ms", "people_page_first_ms", "api_people_p50_ms", "person_page_p50_ms",
+                    "edit_name_p50_ms", "search_p50_ms"},
+}
+# The scripts that read LFW (all but bench_serve, whose index is synthetic and whose search photo is a sample).
+NEEDS_LFW = {"bench_models", "bench_ingest", "bench_query", "bench_cluster", "bench_watch", "bench_cli"}
+
+
+def test_every_benchmark_has_a_smoke_test() -> None:
+    """A new benchmarks/bench_*.py must come with its keys here, so that CI runs its --smoke size too."""
+    assert {p.stem for p in BENCHMARKS} == set(KEYS)
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.stem)
+def test_help_from_another_folder(script: Path, tmp_path: Path) -> None:
+    # Another working directory and no PYTHONPATH: the script must find the repository root on its own.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout and "--json" in proc.stdout and "--smoke" in proc.stdout
+
+
+def smoke_run(name: str, env: dict[str, str] | None = None, labelled: bool = True) -> dict:
+    """``python benchmarks/<name>.py --smoke --json`` from the repository root, as the README runs it; its JSON."""
+    recorded = {p: p.stat().st_mtime_ns for p in RESULTS.glob(f"{name}.*")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke", "--json"], cwd=REPO,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} --smoke exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    # A smoke run must never replace the recorded figures (bench_query writes there by default on full runs).
+    assert {p: p.stat().st_mtime_ns for p in RESULTS.glob(f"{name}.*")} == recorded
+    result = json.loads(proc.stdout)  # --json: stdout holds the one JSON object and nothing else
+    missing = KEYS[name] - set(result)
+    assert not missing, f"{name} --json lacks {sorted(missing)}"
+    if labelled:
+        assert result.get("smoke") is True, "a smoke run's JSON must say so, so it is never taken for a measurement"
+    return result
+
+
+@pytest.mark.lfw
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NEEDS_LFW - {"bench_models", "bench_cluster"}))
+def test_smoke_run(name: str, shared_data: Path) -> None:
+    smoke_run(name, {"FACEINDEX_DATA": str(shared_data)})
+
+
+@pytest.mark.lfw
+@pytest.mark.slow
+def test_smoke_bench_models(shared_data: Path) -> None:
+    result = smoke_run("bench_models", {"FACEINDEX_DATA": str(shared_data)})
+    assert {"1", "16"} <= set(result["embed_fps"])
+    assert 0 < result["lfw_verification_acc"] <= 1
+
+
+@pytest.mark.lfw
+@pytest.mark.slow
+def test_smoke_bench_cluster(shared_data: Path) -> None:
+    result = smoke_run("bench_cluster", {"FACEINDEX_DATA": str(shared_data)})
+    # The README quotes the default method's pairwise and BCubed F1.
+    assert {"pairwise_f1", "bcubed_f1"} <= set(result["methods"][result["default_method"]])
+
+
+@pytest.mark.slow
+def test_smoke_bench_serve() -> None:
+    smoke_run("bench_serve", labelled=False)  # its JSON carries no "smoke" label (yet)
