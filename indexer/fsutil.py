@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import BinaryIO
 
 PRIVATE_FILE = 0o600  # index files are the user's own: nobody else on the machine reads their faces
+PRIVATE_DIR = 0o700
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """Make sure folder ``path`` exists; created here it is owner-only (an existing one keeps its mode)."""
+    path = Path(path)
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            pass
+    return path
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:

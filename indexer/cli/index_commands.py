@@ -123,6 +123,11 @@ def _status_text(s: dict) -> str:
         "daemon     " + (f"running (pid {d['pid']}), backlog {d['backlog']}, last event {d['last_event']}"
                           if d["running"] else "not running"),
     ]
+    damaged = s.get("damaged", {})
+    if any(damaged.get(k) for k in ("faces", "vectors", "thumbnails")):
+        lines.append(f"damaged    {damaged['faces']} face records, {damaged['vectors']} vectors, "
+                     f"{damaged['thumbnails']} thumbnails, skipped where they are read (face ids "
+                     f"{', '.join(map(str, damaged['face_ids']))})")
     for failure in s["failures"][:10]:
         lines.append(f"failed     {display(failure['path'])}: {display(failure['reason'])}")
     if s["files"]["failed"] > 10:

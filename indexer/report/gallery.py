@@ -21,6 +21,7 @@ import jinja2
 import numpy as np
 
 from indexer.display import display
+from indexer.store.integrity import thumbnail_ok
 
 log = logging.getLogger("faceindex.report")
 UNASSIGNED = -1
@@ -108,7 +109,7 @@ def write_thumbnails(out_dir: Path, sections: list[ClusterSection]) -> dict[int,
         for face in section.shown:
             if not face.thumbnail:
                 continue
-            if not looks_like_jpeg(face.thumbnail):
+            if not thumbnail_ok(face.thumbnail):
                 log.warning("face %d: stored thumbnail is damaged; shown without it", face.face_id)
                 continue
             name = f"{int(face.face_id)}.jpg"
@@ -121,11 +122,6 @@ def write_thumbnails(out_dir: Path, sections: list[ClusterSection]) -> dict[int,
         if _THUMB_NAME.match(old.name) and old.name not in keep and old.is_file():
             old.unlink()
     return written
-
-
-def looks_like_jpeg(data: bytes) -> bool:
-    """A cheap check that a stored thumbnail is a whole JPEG: start-of-image and end-of-image markers."""
-    return len(data) > 4 and data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
 
 
 def photo_uri(path: str) -> str | None:

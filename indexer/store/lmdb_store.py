@@ -21,8 +21,12 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from indexer import faults
 from indexer.embedding import EMBEDDING_DIM as DIM
 from indexer.errors import IndexMismatchError, NotFoundError
+from indexer.fsutil import private_dir
+from indexer.store.integrity import decode_face, vector_ok
+from indexer.store.mapguard import MapGuard, storage_error
 from indexer.store.records import FaceRecord, FileRecord, NewFace, from_u64, pack, path_key, u64, unpack
 
 # 2: the user's word about persons (tables word, names, history) and each face's suggested person. A version 1
@@ -48,10 +52,14 @@ class FaceStore:
         path = self.index_dir / STORE_DIR
         if readonly and not store_exists(self.index_dir):
             raise NotFoundError(f"no index at {self.index_dir}; run `faceindex ingest PATH --index {self.index_dir}`")
-        path.mkdir(parents=True, exist_ok=True)
         self.readonly = readonly
-        self.env = lmdb.open(str(path), map_size=_INITIAL_MAP, max_dbs=len(_DBS), readonly=readonly,
-                             lock=True, readahead=False, meminit=False)
+        self._guard = MapGuard()
+        try:  # mode 0o700: the folder owner-only, data.mdb and lock.mdb 0600 (SECURITY.md)
+            private_dir(self.index_dir)
+            self.env = lmdb.open(str(path), map_size=_INITIAL_MAP, max_dbs=len(_DBS), readonly=readonly, lock=True,
+                                 readahead=False, meminit=False, mode=0o700)
+        except (OSError, lmdb.Error) as exc:
+            raise storage_error(self.index_dir, "open the index", exc) from None
         self.db = {name: self.env.open_db(name.encode(), create=True) for name in _DBS} if not readonly \
             else {name: db for name in _DBS if (db := self._open_existing(name)) is not None}
         self._check_schema()
@@ -88,26 +96,42 @@ class FaceStore:
     # ------------------------------------------------------------------ transactions
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        try:
-            txn = self.env.begin(write=False)
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)  # another process grew the map: adopt its size
-            txn = self.env.begin(write=False)
-        try:
-            yield txn
-        finally:
-            txn.abort()
+        for retry in (False, True):
+            with self._guard.reading():  # no remap of the map while this transaction reads it (mapguard.py)
+                try:
+                    txn = self.env.begin(write=False)
+                except lmdb.MapResizedError:
+                    if retry:
+                        raise
+                else:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            self._guard.remap(lambda: self.env.set_mapsize(0))  # another process grew the map: adopt its size
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
-        """One write transaction; commits on success, aborts on any exception."""
-        txn = self.env.begin(write=True)
+        """One write transaction; commits on success, aborts on any exception. A failed commit (disk full, read-only)
+        is a StorageError: LMDB keeps the last committed state, nothing of this transaction is half-written."""
+        try:
+            txn = self.env.begin(write=True)
+        except lmdb.MapResizedError:
+            self._guard.remap(lambda: self.env.set_mapsize(0))
+            txn = self.env.begin(write=True)
         try:
             yield txn
         except BaseException:
             txn.abort()
             raise
-        txn.commit()
+        faults.reached("commit")  # tests/faults: a crash with the transaction written but not committed
+        try:
+            txn.commit()
+        except lmdb.MapFullError:
+            raise
+        except lmdb.Error as exc:
+            raise storage_error(self.index_dir, "commit to", exc) from None
 
     def _get(self, db: str, key: bytes, txn: lmdb.Transaction | None) -> bytes | None:
         """One value, in the caller's transaction or a short read transaction of its own (values are copies)."""
@@ -123,7 +147,7 @@ class FaceStore:
                 with self.write() as txn:
                     return fn(txn, *args, **kwargs)
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self._guard.remap(lambda: self.env.set_mapsize(self.env.info()["map_size"] * 2))
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default: Any = None, txn: lmdb.Transaction | None = None) -> Any:
@@ -257,7 +281,7 @@ class FaceStore:
 
     def get_face(self, face_id: int, txn: lmdb.Transaction | None = None) -> FaceRecord | None:
         raw = self._get("faces", u64(face_id), txn)
-        return None if raw is None else FaceRecord(**unpack(raw))
+        return None if raw is None else decode_face(u64(face_id), raw)
 
     def put_face(self, txn: lmdb.Transaction, face: FaceRecord) -> None:
         """Rewrite a face's record (its person, similarity, suggestion); its vector and thumbnail stay."""
@@ -268,9 +292,10 @@ class FaceStore:
         rec = self.get_file(path, txn)
         faces = []
         for face_id in rec.face_ids if rec else []:
-            face = self.get_face(face_id, txn)
-            faces.append(NewFace(box=face.box, prob=face.prob, landmarks=face.landmarks,
-                                 vector=self.get_vector(face_id, txn).copy(),
+            face, vector = self.get_face(face_id, txn), self.get_vector(face_id, txn)
+            if face is None or vector is None or len(vector) != DIM:
+                continue  # damaged (integrity.py): the copy goes without that face
+            faces.append(NewFace(box=face.box, prob=face.prob, landmarks=face.landmarks, vector=vector.copy(),
                                  thumbnail=self.get_thumbnail(face_id, txn) or b"",
                                  cluster=face.cluster, similarity=face.similarity))
         return faces
@@ -282,8 +307,10 @@ class FaceStore:
         return txn.stat(self.db["faces"])["entries"]
 
     def iter_faces(self, txn: lmdb.Transaction) -> Iterator[FaceRecord]:
-        for _, raw in txn.cursor(db=self.db["faces"]):
-            yield FaceRecord(**unpack(raw))
+        for key, raw in txn.cursor(db=self.db["faces"]):
+            face = decode_face(key, raw)  # a damaged record is skipped with a warning (integrity.py)
+            if face is not None:
+                yield face
 
     def get_vector(self, face_id: int, txn: lmdb.Transaction) -> np.ndarray | None:
         raw = txn.get(u64(face_id), db=self.db["vectors"])
@@ -297,8 +324,9 @@ class FaceStore:
         """(ids int64 [N], vectors float32 [N, 512]) of every face, in id order."""
         ids, chunks = [], []
         for key, raw in txn.cursor(db=self.db["vectors"]):
-            ids.append(from_u64(key))
-            chunks.append(raw)
+            if vector_ok(key, raw):
+                ids.append(from_u64(key))
+                chunks.append(raw)
         vectors = np.frombuffer(b"".join(chunks), dtype=np.float32).reshape(-1, DIM) if chunks \
             else np.zeros((0, DIM), np.float32)
         return np.asarray(ids, dtype=np.int64), vectors

@@ -68,8 +68,12 @@ class SyncedIndex:
             for seq, op, face_id in self.store.log_since(self.seq, txn):
                 (added.append(face_id) if op == "a" else removed.add(face_id))
                 last = seq
-            fresh = [i for i in added if i not in removed]
-            vectors = [self.store.get_vector(i, txn) for i in fresh]
+            fresh, vectors = [], []
+            for i in added:
+                vector = self.store.get_vector(i, txn) if i not in removed else None
+                if vector is not None and vector.shape == (self.index.dim,):  # else damaged: see integrity.py
+                    fresh.append(i)
+                    vectors.append(vector)
         gone = [i for i in removed if i not in set(added)]
         if gone:
             self.index.remove(np.asarray(gone, dtype=np.int64))
