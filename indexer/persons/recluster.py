@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer import faults
 from indexer.cluster import (
     assign_to_centers,
     centers_from_labels,
@@ -141,7 +142,9 @@ def apply(store: FaceStore, computed: Computed, settings: ClusterSettings) -> Cl
             suggested.update(zip(late, labels.tolist(), strict=True))
         base = Clustering(method=computed.method, params=computed.params, ids=new_ids, centers=computed.centers,
                           metrics=computed.metrics, mapping=mapping)
-        return rederive(store, txn, settings, base, suggested=suggested)
+        clustering = rederive(store, txn, settings, base, suggested=suggested)
+        faults.reached("recluster")  # tests/faults: a crash with the recluster written but not committed
+        return clustering
 
     clustering = store.transact(write)
     for line in clustering.mapping:
