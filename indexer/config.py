@@ -26,13 +26,13 @@ class DetectorSettings:
     max_side: int = 1280             # detect on a copy whose long side is at most this; crop from the original
     margin: int = 14                 # facenet-pytorch margin, in pixels of the 160 px crop
     image_size: int = 160
-    batch_size: int = 16             # images per MTCNN batch
+    batch_size: int = 16             # images per MTCNN batch; 0: chosen from the device (models/device.py)
 
 
 @dataclass(frozen=True)
 class EmbedderSettings:
     weights: str = "auto"            # auto | vggface2 | casia-webface | /path/to/weights(.pt|.npz)
-    batch_size: int = 32             # faces per forward pass
+    batch_size: int = 32             # faces per forward pass; 0: chosen from the device (models/device.py)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     precision: str = "auto"          # auto | float32 | bfloat16 | float16 (see embedder.choose_precision)
 
@@ -120,7 +120,8 @@ def validate(s: Settings) -> Settings:
         (s.detector.min_face_size >= 8, "detector.min_face_size must be >= 8"),
         (0.0 <= s.detector.min_prob <= 1.0, "detector.min_prob must be in [0, 1]"),
         (s.detector.max_side >= 64, "detector.max_side must be >= 64"),
-        (s.detector.batch_size >= 1 and s.embedder.batch_size >= 1, "batch sizes must be >= 1"),
+        (s.detector.batch_size >= 0 and s.embedder.batch_size >= 0,
+         "detector.batch_size and embedder.batch_size must be >= 0 (0: chosen from the device)"),
         (s.embedder.precision in ("auto", "float32", "bfloat16", "float16"),
          "embedder.precision must be auto, float32, bfloat16 or float16"),
         (s.ingest.decode_workers >= 1, "ingest.decode_workers must be >= 1"),

@@ -17,6 +17,7 @@ fixed standardisation (x - 127.5) / 128 that both embedders were trained with.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,11 @@ from PIL import Image
 
 from indexer.config import DetectorSettings
 from indexer.images import DecodedImage
+from indexer.models.device import choose_detector_batch, describe_device
+from indexer.models.embedder import pick_device
 from indexer.models.mtcnn_fast import detect_faces, fast_pools
+
+log = logging.getLogger("faceindex.detector")
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,11 @@ def plan_batches(shapes: list[tuple[int, ...]], batch_size: int) -> list[list[in
 class FaceDetector:
     """MTCNN with batching over mixed image sizes; returns all faces above ``min_prob``."""
 
-    def __init__(self, settings: DetectorSettings | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, settings: DetectorSettings | None = None, device: str | torch.device = "auto") -> None:
         self.settings = settings or DetectorSettings()
-        self.device = torch.device(device)
+        # "auto" follows the embedder's rule (cuda when available), so a detector built alone runs where the
+        # pipeline's would.
+        self.device = pick_device(device) if isinstance(device, str) else device
         self.mtcnn = MTCNN(
             image_size=self.settings.image_size, margin=self.settings.margin,
             min_face_size=self.settings.min_face_size, thresholds=list(self.settings.thresholds),
@@ -71,6 +78,9 @@ class FaceDetector:
         ).eval()
         if self.device.type == "cpu":  # cuDNN pools fast; the CPU kernel is what fast_pools replaces
             fast_pools(self.mtcnn)
+        self.batch_size, self.batch_reason = choose_detector_batch(
+            self.settings.batch_size, describe_device(self.device), self.settings.max_side, self.settings.min_face_size)
+        log.info("detector on %s, batch %d: %s", self.device, self.batch_size, self.batch_reason)
 
     def detect(self, images: list[DecodedImage] | list[Image.Image]) -> list[list[DetectedFace]]:
         """All faces of each image, most probable first; boxes in original-image coordinates."""
@@ -82,7 +92,7 @@ class FaceDetector:
         # fails on it), so it has no face.
         big_enough = [i for i, c in enumerate(copies) if min(c[0].shape[:2]) >= self.settings.min_face_size]
         shapes = [copies[i][0].shape[:2] for i in big_enough]
-        for group in plan_batches(shapes, self.settings.batch_size):
+        for group in plan_batches(shapes, self.batch_size):
             batch = [big_enough[j] for j in group]
             stacked = np.stack([copies[i][0] for i in batch])
             for i, (boxes, probs, points) in zip(batch, self._detect(stacked), strict=True):

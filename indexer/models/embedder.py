@@ -1,6 +1,7 @@
 """Face embedding with facenet-pytorch's InceptionResnetV1 (wrapped, not forked).
 
-Eval mode, inference mode, batched, on ``cuda`` when available. Output: float32 [N, 512], rows L2-normalised, so
+Eval mode, inference mode, batched (faces per pass: ``embedder.batch_size``, or chosen from the device by
+``device.choose_embedder_batch`` when 0), on ``cuda`` when available. Output: float32 [N, 512], rows L2-normalised, so
 the inner product is the cosine similarity. On CPU the network runs in channels_last memory format, which
 benchmarks/bench_models.py measured faster than the default layout (see benchmarks/results/).
 
@@ -20,6 +21,7 @@ from facenet_pytorch import InceptionResnetV1
 
 from indexer.config import EmbedderSettings
 from indexer.models import weights as weights_mod
+from indexer.models.device import choose_embedder_batch, describe_device
 
 EMBEDDING_DIM = 512
 log = logging.getLogger("faceindex.embedder")
@@ -75,7 +77,10 @@ class FaceEmbedder:
         self.precision, self.precision_reason = choose_precision(
             self.settings.precision, self.device.type, native_bf16(self.device))
         self._autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision)
-        log.info("embedder on %s, %s: %s", self.device, self.precision, self.precision_reason)
+        self.batch_size, self.batch_reason = choose_embedder_batch(
+            self.settings.batch_size, describe_device(self.device), self.precision)
+        log.info("embedder on %s, %s: %s; batch %d: %s", self.device, self.precision, self.precision_reason,
+                 self.batch_size, self.batch_reason)
 
     @property
     def fingerprint(self) -> str:
@@ -89,7 +94,7 @@ class FaceEmbedder:
             faces = torch.stack(faces)
         out = []
         # Even chunks (38 faces at batch size 32 -> 19 + 19, not 32 + 6): a small last chunk runs far below speed.
-        chunks = -(-len(faces) // self.settings.batch_size)
+        chunks = -(-len(faces) // self.batch_size)
         bs = max(1, -(-len(faces) // max(chunks, 1)))
         autocast = self._autocast_dtype is not None
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=autocast):
