@@ -109,3 +109,29 @@ def test_the_model_stage_ships_to_another_process_as_plain_data():
     assert stage._models is None and stage._load == ModelsFromSettings(settings, "casia-webface")
     assert stage([]) == []  # nothing to embed: no model is built
     assert stage._models is None
+
+
+def test_detector_batch_size_0_lets_the_detector_choose_the_ingest_batches(tmp_path, monkeypatch):
+    """At detector.batch_size 0 the ingest batches follow the size the detector chose for its device."""
+    from types import SimpleNamespace
+
+    from indexer.config import Settings, with_overrides
+    from indexer.pipeline.runner import Pipeline
+    from indexer.store.lmdb_store import FaceStore
+
+    paths = []
+    for i in range(7):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x")
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    store = FaceStore(tmp_path / "index")
+    settings = with_overrides(Settings(index_dir=str(tmp_path / "index")), "detector", batch_size=0)
+    faces = SimpleNamespace(detector=SimpleNamespace(batch_size=3))
+    pipeline = Pipeline(settings, store, index=None, faces=faces, fingerprint=lambda: "m")
+    seen = []
+    monkeypatch.setattr(Pipeline, "process", lambda self, batch, summary=None, ahead=None: seen.append(len(batch)))
+    try:
+        pipeline.ingest(paths)
+    finally:
+        pipeline.read_ahead.close()
+        store.close()
+    assert seen == [3, 3, 1]

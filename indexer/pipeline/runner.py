@@ -243,7 +243,9 @@ class Pipeline:
         started = time.perf_counter()
         todo, unchanged = self.needs_reading(candidates)
         summary = IngestSummary(files=unchanged, unchanged=unchanged)
-        size = max(self.settings.detector.batch_size, 1)
+        # detector.batch_size 0 means "the detector chooses for its device": ask it only when there is work
+        # (asking loads the models).
+        size = self.settings.detector.batch_size or (self.faces.detector.batch_size if todo else 1)
         batches = [todo[i:i + size] for i in range(0, len(todo), size)]
         with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="ingest") as bar:
             for n, batch in enumerate(batches):
