@@ -102,12 +102,26 @@ class FaceIndex:
 
     def _check_model(self) -> None:
         """Refuse to embed for an index built with other weights (checked where vectors are made or compared)."""
+        self._refuse_other_model(self.embedder.fingerprint)
+
+    def _refuse_other_model(self, fingerprint: str) -> None:
         stored = self.store.get_meta("model")
-        if stored and self.embedder.fingerprint != stored:
+        if stored and fingerprint != stored:
             raise IndexMismatchError(
                 f"index {self.dir} was built with model {stored}, but the configured weights are "
-                f"{self.embedder.fingerprint}; use --weights {stored.split(':')[0]} or a new --index"
+                f"{fingerprint}; use --weights {stored.split(':')[0]} or a new --index"
             )
+
+    def _check_requested_weights(self) -> None:
+        """Weights named explicitly (--weights, embedder.weights) that are not the index's are refused at once, even
+        when nothing needs embedding; resolving them reads the weights file, not torch."""
+        if self.settings.embedder.weights == "auto" or "embedder" in self.__dict__:
+            return  # auto takes the index's own model; loaded models are checked by _check_model
+        stored = self.store.get_meta("model")
+        if stored:
+            from indexer.models.weights import resolve
+
+            self._refuse_other_model(resolve(self.settings.embedder.weights, prefer=stored.split(":")[0]).fingerprint)
 
     def models(self) -> tuple[FaceDetector, FaceEmbedder]:
         """The detector and embedder, loaded now if they were not, checked against the index's model."""
@@ -121,6 +135,7 @@ class FaceIndex:
         from indexer.pipeline.faces import FaceStage
         from indexer.pipeline.runner import Pipeline
 
+        self._check_requested_weights()
         return Pipeline(self.settings, self.store, self.vectors, FaceStage(self.settings, self.models),
                         lambda: self.embedder.fingerprint, assigner=live_assigner(self.store, self.settings.cluster))
 

@@ -264,7 +264,7 @@ def test_read_ahead_rereads_a_file_that_changed_after_it_was_read(tmp_path):
         ahead.ahead([str(a), str(b)])
         first = ahead.take([str(a)])  # b stays read ahead
         assert [i.path for i in first] == [str(a)]
-        ahead.futures[str(b)].result()  # b's read-ahead has happened...
+        assert ahead.futures[str(b)].done.wait(30)  # b's read-ahead has happened...
         b.write_bytes(b"longer")  # ...and then b changed: it must be read again
         second = ahead.take([str(b), str(c)])
         assert [i.size for i in second] == [6, 1]
