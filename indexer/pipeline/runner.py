@@ -261,7 +261,7 @@ class Pipeline:
         return summary
 
     def process(self, paths: list[str], summary: IngestSummary | None = None,
-                ahead: list[str] | None = None) -> IngestSummary:
+                ahead: list[str] | None = None, again: bool = True) -> IngestSummary:
         """Read, embed, commit and index one batch; ``ahead``: the next batch, read while the models work."""
         summary = summary if summary is not None else IngestSummary()
         batch_started = started = time.perf_counter()
@@ -274,9 +274,9 @@ class Pipeline:
         if self.assigner is not None:
             self._assign(face_items)
         started = time.perf_counter()
-        counts, failures = self.store.transact(self.commit, face_items)
+        counts, failures, reread = self.store.transact(self.commit, face_items)
         # Counted once the transaction committed: a retry after MapFullError must not count twice.
-        summary.files += len(items)
+        summary.files += len(items) - len(reread)
         for key, value in counts.items():
             setattr(summary, key, getattr(summary, key) + value)
         summary.failures.extend(failures)
@@ -288,6 +288,8 @@ class Pipeline:
         self.timer.add("index", started)
         log.info("batch files=%d faces=%d failed=%d latency=%.3fs", len(items), counts["faces"], counts["failed"],
                  time.perf_counter() - batch_started)
+        if reread and again:  # copies whose twin left the store meanwhile: now they are new files (once only)
+            self.process(reread, summary, ahead=ahead, again=False)
         return summary
 
     def _faces(self, items: list[ReadItem]) -> list[FaceItem]:

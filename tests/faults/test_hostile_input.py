@@ -135,6 +135,8 @@ def index(tmp_path, detector, embedder):
 def _mutate(data: bytes, edits: list[tuple[str, int, int]]) -> bytes:
     out = bytearray(data)
     for op, where, value in edits:
+        if not out and op != "insert":
+            continue
         at = where % max(len(out), 1)
         if op == "flip":
             out[at] ^= 1 << (value % 8)

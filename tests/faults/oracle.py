@@ -1,0 +1,81 @@
+"""The oracle the kill -9 trials compare with: what an index over a folder must hold, whatever happened to it.
+
+- every regular image file in the folder has exactly one record, true to its bytes (sha256), with exactly the faces
+  a clean ingest of those bytes finds (count, and boxes within a pixel);
+- no record of a file that is not there (deleted, or renamed away);
+- no face belongs to two files; faces, vectors and the FAISS index (opened as a user would: snapshot + replayed
+  log) hold exactly the same ids (tests.test_ingest.consistency);
+- persons: every face is in an existing person or unassigned, and the names given before the kill are still on
+  the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer.config import Settings
+from indexer.library import FaceIndex
+from indexer.pipeline.scan import scan
+from indexer.store.lmdb_store import FaceStore
+from tests.test_ingest import consistency
+
+BOX_TOLERANCE = 1.0  # px: batching changes MTCNN's float sums in the last digits, never a face
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What a clean ingest makes of some bytes: the boxes of their faces, sorted; or a failure."""
+
+    boxes: tuple[tuple[float, ...], ...] = ()
+    failed: bool = False
+
+
+def sha(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def reference(index: Path) -> dict[str, Truth]:
+    """sha256 -> Truth, from an index built by a clean, uninterrupted ingest."""
+    store = FaceStore(index, readonly=True)
+    try:
+        with store.read() as txn:
+            return {rec.sha256: Truth(tuple(sorted(tuple(store.get_face(f, txn).box) for f in rec.face_ids)),
+                                      failed=rec.status == "failed")
+                    for rec in store.iter_files(txn) if rec.sha256}
+    finally:
+        store.close()
+
+
+def check(index: Path, folder: Path, truth: dict[str, Truth], names: dict[int, str]) -> dict[str, int]:
+    """Compare ``index`` with the oracle for ``folder``; returns {path: faces} (and "_faces") when it agrees."""
+    view = consistency(index)  # store invariants and FAISS == store
+    on_disk = set(scan([folder], Settings().ingest.extensions, Settings().watch.ignore))
+    store = FaceStore(index, readonly=True)
+    try:
+        with store.read() as txn:
+            records = {rec.path: rec for rec in store.iter_files(txn)}
+            missing, extra = on_disk - set(records), set(records) - on_disk
+            assert not missing and not extra, f"files without records: {missing}; records of absent files: {extra}"
+            for path, rec in records.items():
+                want = truth[sha(path)]
+                if want.failed:
+                    assert rec.status == "failed", f"{path}: {rec.status}, a clean ingest records it as failed"
+                    continue
+                assert rec.sha256 == sha(path), f"{path}: the record is of other bytes"
+                got = tuple(sorted(tuple(store.get_face(f, txn).box) for f in rec.face_ids))
+                assert len(got) == len(want.boxes), (f"{path}: {len(got)} faces ({rec.status} {rec.reason!r}), a clean "
+                                                     f"ingest finds {len(want.boxes)}")
+                for a, b in zip(got, want.boxes, strict=True):
+                    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= BOX_TOLERANCE, (path, a, b)
+            clusters = {f.cluster for f in store.iter_faces(txn)}
+    finally:
+        store.close()
+    if names:
+        with FaceIndex(Settings(index_dir=str(index))) as fi:
+            persons = {row["id"]: row["name"] for row in fi.people()}
+        assert clusters <= set(persons) | {-1}, f"faces in persons that do not exist: {clusters - set(persons)}"
+        for pid, name in names.items():
+            assert persons.get(pid) == name, f"person {pid} was named {name!r}, now {persons.get(pid)!r}"
+    return view
