@@ -33,9 +33,10 @@ KEYS: dict[str, set[str]] = {
     "bench_cli": {"status_s", "people_list_s", "query_face_id_s", "torch_import_s"},
     "bench_serve": {"people_page_p50_ms", "people_page_first_ms", "api_people_p50_ms", "person_page_p50_ms",
                     "edit_name_p50_ms", "search_p50_ms"},
+    "bench_soak": {"events", "faces", "failures", "rss_start_mb", "rss_end_mb", "oracle_ok"},
 }
 # The scripts that read LFW (all but bench_serve, whose index is synthetic and whose search photo is a sample).
-NEEDS_LFW = {"bench_models", "bench_ingest", "bench_query", "bench_cluster", "bench_watch", "bench_cli"}
+NEEDS_LFW = {"bench_models", "bench_ingest", "bench_query", "bench_cluster", "bench_watch", "bench_cli", "bench_soak"}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:
