@@ -24,7 +24,15 @@ if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the r
 
 import numpy as np
 
-from benchmarks.lfw_data import SMOKE_NOTE, Recorder, lfw_embeddings, lfw_images, lfw_sample, require_data
+from benchmarks.lfw_data import (
+    SMOKE_NOTE,
+    Recorder,
+    index_of_vectors,
+    lfw_embeddings,
+    lfw_images,
+    lfw_sample,
+    require_data,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,18 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 def build_index(index: Path, vectors: np.ndarray, people: np.ndarray) -> None:
     from indexer.config import Settings
     from indexer.library import FaceIndex, OpenMode
-    from indexer.store.lmdb_store import FaceStore
-    from indexer.store.records import FileRecord, NewFace
 
-    store = FaceStore(index)
-
-    def fill(txn) -> None:
-        for i, (v, person) in enumerate(zip(vectors, people, strict=True)):
-            face = NewFace(box=[0, 0, 1, 1], prob=1.0, landmarks=[[0, 0]] * 5, vector=v, thumbnail=b"")
-            store.put_file(txn, FileRecord(f"/lfw/{person}/{i}.jpg", 1, 1, f"{i:064x}", "indexed"), [face])
-
-    store.transact(fill)
-    store.close()
+    index_of_vectors(index, vectors, people)
     with FaceIndex(Settings(index_dir=str(index)), OpenMode.EDIT) as fi:
         fi.cluster()
         fi.vectors.save(force=True)

@@ -170,6 +170,23 @@ def lfw_embeddings(root: Path | None = None) -> dict[str, np.ndarray]:
     return out
 
 
+
+def index_of_vectors(index: Path, vectors: np.ndarray, people: np.ndarray) -> None:
+    """An index holding one face per row of ``vectors`` (face id i + 1, file /lfw/<person>/<i>.jpg), built without
+    running the models: for benchmarks and tests of what happens after embedding."""
+    from indexer.store.lmdb_store import FaceStore
+    from indexer.store.records import FileRecord, NewFace
+
+    store = FaceStore(index)
+
+    def fill(txn) -> None:
+        for i, (v, person) in enumerate(zip(vectors, people, strict=True)):
+            face = NewFace(box=[0, 0, 1, 1], prob=1.0, landmarks=[[0, 0]] * 5, vector=v, thumbnail=b"")
+            store.put_file(txn, FileRecord(f"/lfw/{person}/{i}.jpg", 1, 1, f"{i:064x}", "indexed"), [face])
+
+    store.transact(fill)
+    store.close()
+
 if __name__ == "__main__":
     data = lfw_embeddings()
     print(f"{len(data['paths'])} photos, {int(data['found'].sum())} with a detected face, "

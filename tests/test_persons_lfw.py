@@ -9,24 +9,9 @@ import pytest
 
 from indexer.cluster import external_scores
 from indexer.library import FaceIndex, OpenMode
-from indexer.store.lmdb_store import FaceStore
-from indexer.store.records import FileRecord, NewFace
 from tests.conftest import settings_for
 
 N_CORRECTIONS = 100
-
-
-def lfw_index(path, vectors: np.ndarray, people: np.ndarray) -> None:
-    """An index holding one face per LFW photo (face id i + 1), without running the models again."""
-    store = FaceStore(path)
-
-    def fill(txn) -> None:
-        for i, (v, person) in enumerate(zip(vectors, people, strict=True)):
-            face = NewFace(box=[0, 0, 1, 1], prob=1.0, landmarks=[[0, 0]] * 5, vector=v, thumbnail=b"")
-            store.put_file(txn, FileRecord(f"/lfw/{person}/{i}.jpg", 1, 1, f"{i:064x}", "indexed"), [face])
-
-    store.transact(fill)
-    store.close()
 
 
 def labels_of(fi: FaceIndex, n: int) -> np.ndarray:
@@ -122,11 +107,11 @@ def held(applied: list[tuple], after: np.ndarray, live) -> int:
 @pytest.mark.lfw
 @pytest.mark.slow
 def test_100_corrections_hold_and_the_clustering_is_no_worse(shared_data, tmp_path):
-    from benchmarks.lfw_data import lfw_embeddings
+    from benchmarks.lfw_data import index_of_vectors, lfw_embeddings
 
     data = lfw_embeddings(shared_data / "lfw-devtrain")
     _, truth = np.unique(data["people"], return_inverse=True)
-    lfw_index(tmp_path / "index", data["vectors"], truth)
+    index_of_vectors(tmp_path / "index", data["vectors"], truth)
     n = len(truth)
     with FaceIndex(settings_for(tmp_path / "index"), OpenMode.EDIT) as fi:
         fi.cluster()
