@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
-from indexer.pipeline.records import FaceItem, ReadItem, Twin, Verdict, classify, record_for
+from indexer.pipeline.records import FaceItem, ReadItem, Verdict, classify_stored, record_for
 from indexer.store.lmdb_store import FaceStore
 from indexer.store.records import FileRecord
 
@@ -56,9 +55,7 @@ class Committer:
         """A copy or a move, decided again now against the twins the store holds in this transaction: the one seen
         at read time may have vanished (or come back), or moved away to an earlier file of this very batch (two
         new copies of a moved photo: the first takes the move, the second is a copy of it)."""
-        twins = [Twin(rec.path, rec.status, os.path.exists(rec.path))
-                 for rec in self.store.files_with_sha(item.sha256, txn) if rec.path != item.path]
-        verdict, source = classify(item.size, item.mtime_ns, item.sha256, self.store.get_file(item.path, txn), twins)
+        verdict, source = classify_stored(self.store, txn, item)
         if verdict is Verdict.UNCHANGED:
             self.store.touch_file(txn, item.path, item.size, item.mtime_ns)
             counts["unchanged"] += 1

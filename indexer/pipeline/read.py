@@ -22,7 +22,7 @@ from indexer import faults
 from indexer.config import Settings
 from indexer.errors import ImageError, ReadStalledError
 from indexer.images import decode
-from indexer.pipeline.records import ReadItem, Twin, Verdict, classify
+from indexer.pipeline.records import ReadItem, Verdict, classify_stored
 from indexer.store.lmdb_store import FaceStore
 
 log = logging.getLogger("faceindex.read")
@@ -116,10 +116,7 @@ class Reader:
 
     def classify(self, item: ReadItem) -> tuple[Verdict, str | None]:
         with self.store.read() as txn:
-            stored = self.store.get_file(item.path, txn)
-            twins = [Twin(rec.path, rec.status, os.path.exists(rec.path))
-                     for rec in self.store.files_with_sha(item.sha256, txn) if rec.path != item.path]
-        return classify(item.size, item.mtime_ns, item.sha256, stored, twins)
+            return classify_stored(self.store, txn, item)
 
 
 @dataclass

@@ -6,12 +6,17 @@ faces). Items are replaced, not mutated, when a later stage learns more (``datac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from indexer.images import DecodedImage
 from indexer.store.records import FileRecord, NewFace
+
+if TYPE_CHECKING:
+    from indexer.store.lmdb_store import FaceStore
 
 REUSABLE = ("indexed", "no_face")  # a stored file in one of these states has faces (or none) worth reusing
 
@@ -60,6 +65,14 @@ def classify(size: int, mtime_ns: int, sha256: str | None, stored: FileRecord | 
     if reusable:
         return Verdict.COPY, reusable[0].path
     return (Verdict.NEW if stored is None else Verdict.CHANGED), None
+
+
+def classify_stored(store: FaceStore, txn, item: ReadItem) -> tuple[Verdict, str | None]:
+    """``classify`` a read file against what the store holds in ``txn``: its own record and its byte-identical
+    twins (with whether each is still on disk). The reader asks before decoding, the commit again in its txn."""
+    twins = [Twin(rec.path, rec.status, os.path.exists(rec.path))
+             for rec in store.files_with_sha(item.sha256, txn) if rec.path != item.path]
+    return classify(item.size, item.mtime_ns, item.sha256, store.get_file(item.path, txn), twins)
 
 
 @dataclass(frozen=True)
