@@ -172,8 +172,9 @@ def soak(args: argparse.Namespace, tmp: Path) -> dict:
     truth = oracle.reference(tmp / "reference")
     folder, index = tmp / "watched", tmp / "index"
     folder.mkdir()
+    log_file = open(tmp / "daemon.log", "wb")  # noqa: SIM115 - a pipe nobody drains would block the daemon's logging
     daemon = subprocess.Popen([*cli, "watch", str(folder), "--index", str(index), "--config", str(config)],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         wait(lambda: daemon_status(index)["running"] and "backlog" in daemon_file(index), timeout=600)  # looping
         ops = Folder(folder, pool, hostile_files, rng)
@@ -197,6 +198,7 @@ def soak(args: argparse.Namespace, tmp: Path) -> dict:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+        log_file.close()
     try:
         view = oracle.check(index, folder, truth, names={})
         oracle_ok, oracle_error = code == 0, ""

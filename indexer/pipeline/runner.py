@@ -169,14 +169,22 @@ def _watch_signals(read_fd: int, stop: threading.Event, grace_s: float) -> None:
                 _exit_now(first, "second signal")
             first, deadline = signum, time.monotonic() + grace_s
             stop.set()
-            log.warning("%s: finishing the current batch (at most %.0f s; again to stop at once)",
-                        signal.Signals(signum).name, grace_s)
+            # Told from a thread of its own: logging can block (its lock held by a thread stuck writing to a full
+            # stderr pipe, found by bench_soak), and this thread must never block, or the deadline goes with it.
+            threading.Thread(target=log.warning, daemon=True, name="signals-log",
+                             args=("%s: finishing the current batch (at most %.0f s; again to stop at once)",
+                                   signal.Signals(signum).name, grace_s)).start()
 
 
 def _exit_now(signum: int, why: str) -> None:
     # os._exit: no atexit handlers, no joining threads (one may be stuck for good). LMDB commits and the FAISS
-    # snapshot are atomic, so what is committed stays committed and the rest is redone by the next run.
-    os.write(2, f"faceindex: {why}; exiting now (committed work is safe)\n".encode())
+    # snapshot are atomic, so what is committed stays committed and the rest is redone by the next run. The last
+    # word is written without blocking: stderr may be a pipe nobody reads any more.
+    try:
+        os.set_blocking(2, False)
+        os.write(2, f"faceindex: {why}; exiting now (committed work is safe)\n".encode())
+    except OSError:
+        pass
     os._exit(128 + signum)
 
 

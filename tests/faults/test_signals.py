@@ -151,3 +151,36 @@ def test_a_process_stuck_for_good_is_gone_within_the_grace_time(tmp_path):
     finally:
         child.kill()
     assert consistency(index)["_faces"] == 2  # committed before the snapshot hung: nothing lost
+
+
+STUCK_ON_STDERR = """
+import logging, sys, threading
+from indexer.pipeline.runner import trap_stop_signals
+logging.basicConfig(stream=sys.stderr)
+def flood():  # ends up blocked in write(2), holding the logging handler's lock: nobody reads our stderr
+    while True:
+        logging.getLogger("flood").warning("x" * 1000)
+threading.Thread(target=flood, daemon=True).start()
+trap_stop_signals(threading.Event(), grace_s=2.0)
+print("ready", flush=True)
+threading.Event().wait()  # the main thread never finishes its batch
+"""
+
+
+def test_the_deadline_holds_when_stderr_is_a_full_pipe(tmp_path):
+    """Found by bench_soak: a daemon whose stderr nobody read blocked in a log write, and the signal watcher then
+    blocked on the logging lock, so SIGTERM never ended it. The watcher must never block."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_ON_STDERR], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM  # 2 s of grace; 120 s only tells a hang apart
+    finally:
+        proc.kill()
+        proc.wait()
