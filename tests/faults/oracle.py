@@ -1,7 +1,7 @@
 """The oracle the kill -9 trials compare with: what an index over a folder must hold, whatever happened to it.
 
 - every regular image file in the folder has exactly one record, true to its bytes (sha256), with exactly the faces
-  a clean ingest of those bytes finds (count, and boxes within a pixel);
+  a clean ingest of those bytes finds (count, and each box on the same face: IoU >= 0.8);
 - no record of a file that is not there (deleted, or renamed away);
 - no face belongs to two files; faces, vectors and the FAISS index (opened as a user would: snapshot + replayed
   log) hold exactly the same ids (tests.test_ingest.consistency);
@@ -21,7 +21,10 @@ from indexer.pipeline.scan import scan
 from indexer.store.lmdb_store import FaceStore
 from tests.test_ingest import consistency
 
-BOX_TOLERANCE = 1.0  # px: batching changes MTCNN's float sums in the last digits, never a face
+# The same face, not the same floats: a photo detected in another batch composition can come out a few pixels
+# off (bench_soak: 511 of 514 faces identical, 3 off by up to 4.6 px, IoU > 0.9), as batched convolutions round
+# differently; a different face would not overlap this much.
+MIN_IOU = 0.8
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,13 @@ class Truth:
 
     boxes: tuple[tuple[float, ...], ...] = ()
     failed: bool = False
+
+
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
 
 
 def sha(path: Path | str) -> str:
@@ -68,7 +78,7 @@ def check(index: Path, folder: Path, truth: dict[str, Truth], names: dict[int, s
                 assert len(got) == len(want.boxes), (f"{path}: {len(got)} faces ({rec.status} {rec.reason!r}), a clean "
                                                      f"ingest finds {len(want.boxes)}")
                 for a, b in zip(got, want.boxes, strict=True):
-                    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= BOX_TOLERANCE, (path, a, b)
+                    assert iou(a, b) >= MIN_IOU, (path, a, b)
             clusters = {f.cluster for f in store.iter_faces(txn)}
     finally:
         store.close()
