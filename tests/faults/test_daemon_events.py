@@ -71,3 +71,9 @@ def test_the_daemon_asks_inotify_only_for_what_it_uses():
     from watchdog.events import DirModifiedEvent, FileClosedNoWriteEvent, FileOpenedEvent
 
     assert not {FileOpenedEvent, FileClosedNoWriteEvent, DirModifiedEvent} & set(EVENTS)
+
+
+def test_a_folder_gone_before_its_event_is_handled_does_not_stop_the_daemon(watcher):
+    w, folder, fi = watcher
+    w._apply("dir_created", str(folder / "tmp-folder-already-gone"), "", True)  # created and removed at once
+    assert w.pending == {}
