@@ -186,7 +186,10 @@ class FaceIndex:
             face = self.store.get_face(face_id, txn)
             if face is None:
                 raise NotFoundError(f"no face with id {face_id} in {self.dir}")
-            vector = self.store.get_vector(face_id, txn).copy()
+            vector = self.store.get_vector(face_id, txn)
+            if vector is None:
+                raise NotFoundError(f"face {face_id} has no usable vector (a damaged record: see `faceindex status`)")
+            vector = vector.copy()
         return [({"face_id": face_id, "path": face.path, "box": face.box, "prob": face.prob}, vector)]
 
     def query(self, image: str | Path | None = None, face_id: int | None = None, k: int = 10,

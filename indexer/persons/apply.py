@@ -48,14 +48,17 @@ def rederive(store: FaceStore, txn, settings: ClusterSettings, base: Clustering 
     base = base or previous
     word = load_word(store, txn)
     _adopt_old_names(store, txn, word, previous)
-    faces = list(store.iter_faces(txn))
+    with_vectors = [(f, store.get_vector(f.face_id, txn)) for f in store.iter_faces(txn)]
+    _unplace_damaged(store, txn, [f for f, v in with_vectors if v is None])
+    with_vectors = [(f, v) for f, v in with_vectors if v is not None]
+    faces = [f for f, _ in with_vectors]
     face_ids = np.array([f.face_id for f in faces], np.int64)
     if suggested is None:  # a face without a suggestion yet (a schema 1 index, live assignment) keeps its person
         suggestions = [f.cluster if f.suggested is None else f.suggested for f in faces]
     else:
         suggestions = [suggested.get(f.face_id, -1) for f in faces]
     suggested_ids = np.array(suggestions, np.int64)
-    x = stack_vectors([store.get_vector(f.face_id, txn) for f in faces])
+    x = stack_vectors([v for _, v in with_vectors])
     first_free = next_person_id(store, txn, suggested_ids[suggested_ids >= 0], base.ids if base else [],
                                 [w.person for w in word.faces.values() if w.person is not None], word.names)
     derived: Derived = derive_persons(face_ids, suggested_ids, x, word.faces, next_id=first_free,
@@ -82,3 +85,11 @@ def rederive(store: FaceStore, txn, settings: ClusterSettings, base: Clustering 
 
 def _same(a: float, b: float) -> bool:
     return (np.isnan(a) and np.isnan(b)) or a == b
+
+
+def _unplace_damaged(store: FaceStore, txn, faces: list) -> None:
+    """A face whose vector is damaged (integrity.py) cannot be compared with anyone: it belongs to no person."""
+    for face in faces:
+        if face.cluster != -1:
+            face.cluster, face.similarity = -1, 0.0
+            store.put_face(txn, face)

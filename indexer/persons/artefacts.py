@@ -98,9 +98,10 @@ def report_faces(store: FaceStore) -> tuple[Clustering, list[ReportFace], np.nda
     with store.read() as txn:
         ignored = {f for f, w in load_word(store, txn).faces.items() if w.ignored}
         for f in store.iter_faces(txn):
-            if f.face_id in ignored:
+            vector = store.get_vector(f.face_id, txn)
+            if f.face_id in ignored or vector is None:  # None: a damaged vector, warned about (integrity.py)
                 continue
             faces.append(ReportFace(face_id=f.face_id, path=f.path, box=tuple(f.box), cluster=f.cluster,
                                     similarity=f.similarity, thumbnail=store.get_thumbnail(f.face_id, txn)))
-            vectors.append(store.get_vector(f.face_id, txn))
+            vectors.append(vector)
     return clustering, faces, stack_vectors(vectors)

@@ -135,7 +135,9 @@ def apply(store: FaceStore, computed: Computed, settings: ClusterSettings) -> Cl
                                                                   if len(new_ids) else -1, -1).tolist(),
                              strict=True))
         # Faces committed after the snapshot (the daemon kept ingesting): their nearest new center suggests.
-        late = [f.face_id for f in store.iter_faces(txn) if f.face_id not in suggested]
+        # (A face whose vector is damaged has none to compare: rederive leaves it out.)
+        late = [f.face_id for f in store.iter_faces(txn)
+                if f.face_id not in suggested and store.get_vector(f.face_id, txn) is not None]
         if late and len(new_ids):
             labels, _ = assign_to_centers(_vectors(store, txn, np.asarray(late)), computed.centers,
                                           settings.assign_min_similarity, ids=new_ids)

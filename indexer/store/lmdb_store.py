@@ -293,7 +293,7 @@ class FaceStore:
         faces = []
         for face_id in rec.face_ids if rec else []:
             face, vector = self.get_face(face_id, txn), self.get_vector(face_id, txn)
-            if face is None or vector is None or len(vector) != DIM:
+            if face is None or vector is None:
                 continue  # damaged (integrity.py): the copy goes without that face
             faces.append(NewFace(box=face.box, prob=face.prob, landmarks=face.landmarks, vector=vector.copy(),
                                  thumbnail=self.get_thumbnail(face_id, txn) or b"",
@@ -313,8 +313,10 @@ class FaceStore:
                 yield face
 
     def get_vector(self, face_id: int, txn: lmdb.Transaction) -> np.ndarray | None:
-        raw = txn.get(u64(face_id), db=self.db["vectors"])
-        return None if raw is None else np.frombuffer(raw, dtype=np.float32)
+        """The face's vector; None when it has none or it is damaged (wrong length: warned once, integrity.py)."""
+        key = u64(face_id)
+        raw = txn.get(key, db=self.db["vectors"])
+        return None if raw is None or not vector_ok(key, raw) else np.frombuffer(raw, dtype=np.float32)
 
     def get_thumbnail(self, face_id: int, txn: lmdb.Transaction) -> bytes | None:
         raw = txn.get(u64(face_id), db=self.db["thumbs"])

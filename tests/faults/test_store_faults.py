@@ -176,6 +176,26 @@ def test_a_damaged_vector_is_left_out_of_the_rebuilt_index(copy_index):
     assert all(m["face_id"] != bad for h in hits for m in h["matches"])
 
 
+def test_a_damaged_vector_costs_its_face_only_in_every_command(copy_index, tmp_path):
+    """Persons, report, export and a stored-face query read vectors one by one: the damaged one is left out."""
+    (bad,) = _damage(copy_index, vectors=True)
+    index = ["--index", str(copy_index)]
+    clustered = cli("cluster", *index, "--json")
+    assert clustered.returncode == 0 and "Traceback" not in clustered.stderr, clustered.stderr
+    assert "damaged vector record of face" in clustered.stderr
+    people = cli_json("people", "list", *index)
+    first = people[0]["id"]
+    for args in (("people", "name", str(first), "Kit"), ("people", "undo"),
+                 ("report", "--out", str(tmp_path / "report")), ("export", "--out", str(tmp_path / "export"))):
+        proc = cli(*args, *index)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+    exported = json.loads((tmp_path / "export" / "train_assignments.json").read_text())
+    placed = {f["face_id"]: f["cluster_id"] for f in exported["faces"]}
+    assert placed[bad] == -1 and any(c >= 0 for c in placed.values())
+    proc = cli("query", *index, "--face-id", str(bad), check=False)
+    assert proc.returncode != 0 and "no usable vector" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("version, says", [(99, "upgrade faceindex"), (0, "re-ingest into a new --index")])
 def test_an_index_of_another_schema_is_refused_clearly(copy_index, version, says):
     env = lmdb.open(str(copy_index / "store.lmdb"), max_dbs=20)
