@@ -22,6 +22,7 @@ from tests.conftest import SAMPLES, cli, cli_json
 from tests.served import running_server
 
 ODD_NAME = os.fsdecode(b"caf\xe9 <i>.jpg")  # Latin-1 bytes (not UTF-8) and markup, in one file name
+ODD_FAILED = os.fsdecode(b"d\xe9j\xe0 vu.jpg")  # the same, for a file that is not an image
 HOSTILE = "<script>alert(1)</script>"
 EVIL = "http://evil.example"
 
@@ -36,6 +37,7 @@ def index(sample_index, tmp_path_factory) -> Path:
     odd = root / "odd"
     odd.mkdir()
     shutil.copy(SAMPLES / "photos" / "biden" / "biden2.jpg", odd / ODD_NAME)
+    (odd / ODD_FAILED).write_bytes(b"not an image")  # recorded as failed: the Status page lists its name
     cli("ingest", "--index", str(index), str(odd))
     cli("cluster", "--index", str(index))
     return index
@@ -205,6 +207,13 @@ def test_names_and_file_names_render_as_text(api):
     photo = api.get(f"/photo/{face}")
     assert photo.status_code == 200 and "caf\ufffd &lt;i&gt;.jpg" in photo.text
     assert api.get(f"/photos/{face}").content == (SAMPLES / "photos" / "biden" / "biden2.jpg").read_bytes()
+    status = api.get("/status")
+    assert status.status_code == 200 and "d\ufffdj\ufffd vu.jpg" in status.text
+    token = page.text.split('name="token" value="', 1)[1].split('"', 1)[0]
+    with (SAMPLES / "photos" / "biden" / "biden2.jpg").open("rb") as fh:
+        found = api.post("/search", files={"image": ("biden2.jpg", fh, "image/jpeg")},
+                         data={"k": "30", "token": token}, headers={"origin": str(api.base_url).rstrip("/")})
+    assert found.status_code == 200 and f'href="/photo/{face}"' in found.text  # the odd-named copy: similarity 1
 
 
 def test_only_files_recorded_in_the_store_are_served(api):
