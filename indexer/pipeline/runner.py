@@ -301,24 +301,34 @@ class Pipeline:
         return summary
 
     def _faces(self, items: list[ReadItem]) -> list[FaceItem]:
-        """The model stage over a batch; if it fails, file by file, so that one odd image costs only itself."""
-        try:
-            return self.faces(items, self.timer)
-        except Exception:
-            log.exception("the model stage failed on a batch of %d files; retrying them one by one", len(items))
-        out = []
-        for item in items:
-            try:
-                out += self.faces([item], self.timer)
-            except Exception as exc:
-                # Recorded without its stat, so the next run tries this file again (the cause may be passing).
-                reason = f"face detection failed: {type(exc).__name__}: {str(exc)[:160]}"
-                out.append(FaceItem(replace(item, image=None, size=0, mtime_ns=0, error=reason)))
-        return out
+        return faces_or_failures(self.faces, items, self.timer)
 
     def _assign(self, face_items: list[FaceItem]) -> None:
-        faces = [f for fi in face_items for f in fi.faces]
-        if faces:
-            clusters, sims = self.assigner(stack_vectors([f.vector for f in faces]))
-            for face, c, s in zip(faces, clusters, sims, strict=True):
-                face.cluster, face.similarity = int(c), float(s)
+        assign_faces(self.assigner, face_items)
+
+
+def faces_or_failures(stage: FaceStage, items: list[ReadItem], timer: StageTimer) -> list[FaceItem]:
+    """The model stage over a batch; if it fails, file by file, so that one odd image costs only itself (the local
+    pipeline and the Ray engine's workers both go through here)."""
+    try:
+        return stage(items, timer)
+    except Exception:
+        log.exception("the model stage failed on a batch of %d files; retrying them one by one", len(items))
+    out = []
+    for item in items:
+        try:
+            out += stage([item], timer)
+        except Exception as exc:
+            # Recorded without its stat, so the next run tries this file again (the cause may be passing).
+            reason = f"face detection failed: {type(exc).__name__}: {str(exc)[:160]}"
+            out.append(FaceItem(replace(item, image=None, size=0, mtime_ns=0, error=reason)))
+    return out
+
+
+def assign_faces(assigner: Assigner, face_items: list[FaceItem]) -> None:
+    """Each new face's nearest person (``face.cluster``, ``face.similarity``), before it is committed."""
+    faces = [f for fi in face_items for f in fi.faces]
+    if faces:
+        clusters, sims = assigner(stack_vectors([f.vector for f in faces]))
+        for face, c, s in zip(faces, clusters, sims, strict=True):
+            face.cluster, face.similarity = int(c), float(s)
