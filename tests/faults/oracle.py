@@ -6,7 +6,10 @@
 - no face belongs to two files; faces, vectors and the FAISS index (opened as a user would: snapshot + replayed
   log) hold exactly the same ids (tests.test_ingest.consistency);
 - persons: every face is in an existing person or unassigned, and the names given before the kill are still on
-  the same ids.
+  the same ids;
+- the user's word (tests/faults/test_kill9.py makes every kind of edit: name, merge, move, remove, ignore) is
+  intact for every face still present, and obeyed: a face tied to a person is in it, an ignored face in none, a
+  removed face not in the person it was removed from.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from indexer.config import Settings
 from indexer.library import FaceIndex
+from indexer.persons.word import FaceWord, load_word
 from indexer.pipeline.scan import scan
 from indexer.store.lmdb_store import FaceStore
 from tests.test_ingest import consistency
@@ -58,7 +62,38 @@ def reference(index: Path) -> dict[str, Truth]:
         store.close()
 
 
-def check(index: Path, folder: Path, truth: dict[str, Truth], names: dict[int, str]) -> dict[str, int]:
+def users_word(index: Path) -> dict[int, FaceWord]:
+    """What the user said of each face, as the store holds it."""
+    store = FaceStore(index, readonly=True)
+    try:
+        with store.read() as txn:
+            return dict(load_word(store, txn).faces)
+    finally:
+        store.close()
+
+
+def check_word(index: Path, word: dict[int, FaceWord]) -> None:
+    """The word given before the kill is intact for every face still present, and every person obeys it."""
+    store = FaceStore(index, readonly=True)
+    try:
+        with store.read() as txn:
+            placed = {f.face_id: f.cluster for f in store.iter_faces(txn)}
+            now = load_word(store, txn).faces
+    finally:
+        store.close()
+    for face_id, said in word.items():
+        if face_id not in placed:
+            continue  # its file was deleted or overwritten: the face is gone, and its word with it
+        assert now.get(face_id) == said, f"face {face_id}: the user said {said}, the store now holds {now.get(face_id)}"
+        if said.ignored:
+            assert placed[face_id] == -1, f"ignored face {face_id} is in person {placed[face_id]}"
+        elif said.person is not None:
+            assert placed[face_id] == said.person, f"face {face_id} tied to {said.person} is in {placed[face_id]}"
+        assert placed[face_id] not in said.not_persons, f"face {face_id} is back in {placed[face_id]}"
+
+
+def check(index: Path, folder: Path, truth: dict[str, Truth], names: dict[int, str],
+          word: dict[int, FaceWord] | None = None) -> dict[str, int]:
     """Compare ``index`` with the oracle for ``folder``; returns {path: faces} (and "_faces") when it agrees."""
     view = consistency(index)  # store invariants and FAISS == store
     on_disk = set(scan([folder], Settings().ingest.extensions, Settings().watch.ignore))
@@ -88,4 +123,6 @@ def check(index: Path, folder: Path, truth: dict[str, Truth], names: dict[int, s
         assert clusters <= set(persons) | {-1}, f"faces in persons that do not exist: {clusters - set(persons)}"
         for pid, name in names.items():
             assert persons.get(pid) == name, f"person {pid} was named {name!r}, now {persons.get(pid)!r}"
+    if word is not None:
+        check_word(index, word)
     return view

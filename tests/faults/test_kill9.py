@@ -102,7 +102,27 @@ class Lab:
         largest = max(cli_json("people", "list", "--index", str(self.index)), key=lambda r: (r["size"], -r["id"]))
         cli("people", "name", str(largest["id"]), "Ada", "--index", str(self.index))
         self.names = {largest["id"]: "Ada"}
+        self._more_edits(largest["id"])
+        self.word = oracle.users_word(self.index)
+        said = self.word.values()
+        assert any(w.person is not None for w in said) and any(w.ignored for w in said) \
+            and any(w.not_persons for w in said), "the baseline lacks a kind of edit the trials should check"
         shutil.copytree(self.work, self.root / "baseline", symlinks=True)
+
+    def _more_edits(self, ada: int) -> None:
+        """Every other kind of edit, so the trials check them all: a merge, a move, a remove and an ignore."""
+        index = ["--index", str(self.index)]
+        others = [r["id"] for r in sorted(cli_json("people", "list", *index), key=lambda r: (-r["size"], r["id"]))
+                  if r["id"] != ada]
+        assert len(others) >= 4, f"the baseline needs 5 persons for every kind of edit, it has {len(others) + 1}"
+        cli("people", "merge", str(others[0]), str(others[1]), *index)
+
+        def faces(person: int) -> list[int]:
+            return [f["face_id"] for f in cli_json("people", "show", str(person), *index)["faces"]]
+
+        cli("people", "move", str(faces(others[2])[0]), "--to", str(ada), *index)
+        cli("people", "remove", str(ada), str(faces(ada)[-1]), *index)
+        cli("people", "ignore", str(faces(others[3])[0]), *index)
 
     def run(self, command: str, index: Path, folder: Path) -> None:
         """``faceindex ingest`` or ``watch --once`` as a fresh open of the index, in this process."""
@@ -213,4 +233,4 @@ def test_kill_9_then_restart_matches_the_oracle(lab, n):
     trial, rng = TRIALS[n], random.Random(SEED + n)
     _run_and_kill(lab, trial, rng)
     lab.run("ingest" if trial.process == "ingest" else "watch", lab.index, lab.photos)  # the restart
-    oracle.check(lab.index, lab.photos, lab.truth, lab.names)
+    oracle.check(lab.index, lab.photos, lab.truth, lab.names, lab.word)
