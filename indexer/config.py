@@ -35,6 +35,7 @@ class EmbedderSettings:
     batch_size: int = 32             # faces per forward pass; 0: chosen from the device (models/device.py)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     precision: str = "auto"          # auto | float32 | bfloat16 | float16 (see embedder.choose_precision)
+    flip: bool = False               # embed each face and its mirror image, keep their normalised mean
 
 
 @dataclass(frozen=True)

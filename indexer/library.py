@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from indexer import fingerprint as fp
 from indexer.config import Settings
-from indexer.errors import IndexMismatchError, NotFoundError
+from indexer.errors import NotFoundError
 from indexer.fsutil import leftover_temp_files
 from indexer.store import lock as lock_mod
 from indexer.store.daemon import daemon_status
@@ -100,28 +101,38 @@ class FaceIndex:
 
         return SyncedIndex(self.store, self.settings.index)
 
+    def _fingerprint(self) -> str:
+        """What the loaded models make: weights and preprocessing (indexer/fingerprint.py); loads them."""
+        prep = fp.preprocessing(self.detector.settings.margin, self.embedder.settings.flip)
+        return fp.full(self.embedder.fingerprint, prep)
+
     def _check_model(self) -> None:
-        """Refuse to embed for an index built with other weights (checked where vectors are made or compared)."""
-        self._refuse_other_model(self.embedder.fingerprint)
+        """Refuse to embed for an index whose vectors were made otherwise (checked where vectors are made or
+        compared)."""
+        self._refuse_other_model(self._fingerprint())
 
     def _refuse_other_model(self, fingerprint: str) -> None:
-        stored = self.store.get_meta("model")
+        pending = self.store.get_meta(fp.REBUILD_KEY)
+        if pending is not None:
+            raise fp.interrupted(self.dir, pending)
+        stored = fp.normalised(self.store.get_meta("model"))
         if stored and fingerprint != stored:
-            raise IndexMismatchError(
-                f"index {self.dir} was built with model {stored}, but the configured weights are "
-                f"{fingerprint}; use --weights {stored.split(':')[0]} or a new --index"
-            )
+            raise fp.mismatch(self.dir, stored, fingerprint)
 
-    def _check_requested_weights(self) -> None:
-        """Weights named explicitly (--weights, embedder.weights) that are not the index's are refused at once, even
-        when nothing needs embedding; resolving them reads the weights file, not torch."""
-        if self.settings.embedder.weights == "auto" or "embedder" in self.__dict__:
-            return  # auto takes the index's own model; loaded models are checked by _check_model
-        stored = self.store.get_meta("model")
-        if stored:
-            from indexer.models.weights import resolve
+    def _check_configuration(self) -> None:
+        """Weights named explicitly (--weights, embedder.weights) and preprocessing (detector.margin, embedder.flip)
+        that are not the index's are refused at once, even when nothing needs embedding; resolving the weights reads
+        the weights file, not torch."""
+        if "embedder" in self.__dict__:
+            return self._check_model()  # the loaded models say what they make
+        stored = fp.normalised(self.store.get_meta("model"))
+        if stored or self.store.get_meta(fp.REBUILD_KEY) is not None:
+            weights = fp.weights_of(stored) if stored else ""
+            if self.settings.embedder.weights != "auto" and stored:
+                from indexer.models.weights import resolve
 
-            self._refuse_other_model(resolve(self.settings.embedder.weights, prefer=stored.split(":")[0]).fingerprint)
+                weights = resolve(self.settings.embedder.weights, prefer=stored.split(":")[0]).fingerprint
+            self._refuse_other_model(fp.full(weights, fp.configured(self.settings)))
 
     def models(self) -> tuple[FaceDetector, FaceEmbedder]:
         """The detector and embedder, loaded now if they were not, checked against the index's model."""
@@ -135,9 +146,9 @@ class FaceIndex:
         from indexer.pipeline.faces import FaceStage
         from indexer.pipeline.runner import Pipeline
 
-        self._check_requested_weights()
+        self._check_configuration()
         return Pipeline(self.settings, self.store, self.vectors, FaceStage(self.settings, self.models),
-                        lambda: self.embedder.fingerprint, assigner=live_assigner(self.store, self.settings.cluster))
+                        self._fingerprint, assigner=live_assigner(self.store, self.settings.cluster))
 
     # ------------------------------------------------------------------ indexing
     def ingest(self, paths: list[str | Path], progress: bool = True) -> IngestSummary:
@@ -167,6 +178,25 @@ class FaceIndex:
             return watcher.run()
         finally:
             restore()
+
+    def rebuild(self, progress: bool = True) -> dict[str, Any]:
+        """``ingest --rebuild``: embed every stored file again with the configured models and preprocessing,
+        keeping the ids (and so the user's word) of faces found again (indexer/rebuild.py)."""
+        from indexer.pipeline.faces import FaceStage
+        from indexer.pipeline.runner import trap_stop_signals
+        from indexer.rebuild import Rebuild, finish
+
+        job = Rebuild(self.settings, self.store, FaceStage(self.settings, lambda: (self.detector, self.embedder)),
+                      self._fingerprint)
+        vectors = self.vectors  # the snapshot of the old vectors, kept in step with their replacement below
+        restore = trap_stop_signals(job.stop, self.settings.ingest.stop_grace_s)
+        try:
+            summary = job.run(progress)
+        finally:
+            restore()
+        vectors.catch_up()
+        vectors.save(force=True)
+        return finish(self.store, self.settings, summary).to_dict()
 
     # ------------------------------------------------------------------ searching
     def embed_image(self, path: str | Path) -> list[tuple[dict[str, Any], np.ndarray]]:

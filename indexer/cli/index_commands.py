@@ -19,15 +19,24 @@ from indexer.display import display
 
 # ---------------------------------------------------------------------------------------------------- ingest
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
 @index_options
 @weights_option
 @json_option
 @click.option("--no-progress", is_flag=True, help="No progress bar (it also hides itself when not a terminal).")
-def ingest(paths: tuple[str, ...], settings: Settings, as_json: bool, no_progress: bool) -> None:
+@click.option("--rebuild", is_flag=True, help="Instead of PATHS: embed every indexed photo again from its file with "
+              "the configured weights, margin and flip (faces found again keep their ids and what you said of them).")
+def ingest(paths: tuple[str, ...], settings: Settings, as_json: bool, no_progress: bool, rebuild: bool) -> None:
     """Index the faces of image files and folders (recursive, incremental)."""
+    if bool(paths) == rebuild:
+        raise click.UsageError("give PATH... to index, or --rebuild (no PATH) to re-embed the index")
+    progress = not no_progress and sys.stderr.isatty()
     with open_index(settings, "write", command="ingest") as fi:
-        summary = fi.ingest(list(paths), progress=not no_progress and sys.stderr.isatty())
+        if rebuild:
+            result = fi.rebuild(progress=progress)
+            emit(result, as_json, _rebuild_text)
+            sys.exit(130 if result["interrupted"] else 0)
+        summary = fi.ingest(list(paths), progress=progress)
     emit(summary.to_dict(), as_json, _ingest_text)
     if summary.interrupted:
         sys.exit(130)
@@ -43,6 +52,21 @@ def _ingest_text(s: dict) -> str:
         lines.append(f"  ... and {len(s['failures']) - 20} more (see `faceindex status --json`)")
     if s["interrupted"]:
         lines.append("interrupted: everything up to the last batch is committed; run again to continue")
+    return "\n".join(lines)
+
+
+def _rebuild_text(s: dict) -> str:
+    lines = [f"rebuilt {s['previous']} -> {s['model']}: {s['files']} files embedded again; faces: {s['faces_kept']} "
+             f"kept (same id, new vector), {s['faces_added']} new, {s['faces_dropped']} gone; in {s['seconds']:.1f} s"]
+    lines += [f"  gone from disk (left the index): {display(p)}" for p in s["gone"]]
+    lines += [f"  cannot be read now (left the index): {display(f['path'])}: {display(f['reason'])}"
+              for f in s["failed"]]
+    lines += [f"  face {w['face_id']} of {display(w['path'])} was not found again: what you said of it ({w['word']}) "
+              "is kept in the history but applies to no face now" for w in s["unmatched_word"]]
+    if s["recluster"]:
+        lines.append(f"reclustered: {s['recluster'].get('k')} persons ({s['recluster'].get('method')})")
+    if s["interrupted"]:
+        lines.append("interrupted: the index stays refused until `faceindex ingest --rebuild` runs to the end")
     return "\n".join(lines)
 
 

@@ -87,24 +87,53 @@ class FaceEmbedder:
         return self.weights.fingerprint
 
     def embed(self, faces: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
-        """[N, 3, 160, 160] standardised crops -> float32 [N, 512] unit vectors."""
-        if isinstance(faces, list):
-            if not faces:
-                return np.zeros((0, EMBEDDING_DIM), np.float32)
-            faces = torch.stack(faces)
-        out = []
+        """[N, 3, 160, 160] standardised crops -> float32 [N, 512] unit vectors. With ``embedder.flip`` each row is
+        the normalised mean of the face's and its mirror image's embedding (``flip_average``)."""
+        if self.settings.flip:
+            return flip_average(*self.embed_views(faces))
+        return self._run(_as_batch(faces), mirror=False)[0]
+
+    def embed_views(self, faces: torch.Tensor | list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(plain, mirrored): unit vectors of each face and of its horizontal mirror image, both from the same
+        forward passes (each pass holds a chunk of faces and their mirrors, ``batch_size`` rows in all)."""
+        return self._run(_as_batch(faces), mirror=True)
+
+    def _run(self, faces: torch.Tensor, mirror: bool) -> tuple[np.ndarray, np.ndarray]:
+        if not len(faces):
+            empty = np.zeros((0, EMBEDDING_DIM), np.float32)
+            return empty, empty
         # Even chunks (38 faces at batch size 32 -> 19 + 19, not 32 + 6): a small last chunk runs far below speed.
-        chunks = -(-len(faces) // self.batch_size)
-        bs = max(1, -(-len(faces) // max(chunks, 1)))
+        # With the mirror, a chunk of n faces is a pass of 2n rows: batch_size keeps bounding the rows of a pass.
+        per_pass = max(1, self.batch_size // 2) if mirror else self.batch_size
+        chunks = -(-len(faces) // per_pass)
+        bs = max(1, -(-len(faces) // chunks))
+        plain, mirrored = [], []
         autocast = self._autocast_dtype is not None
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=autocast):
             for i in range(0, len(faces), bs):
                 x = faces[i:i + bs].to(self.device, non_blocking=True)
+                if mirror:
+                    x = torch.cat([x, torch.flip(x, dims=[3])])  # [N, C, H, W]: dim 3 is left-right
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                out.append(self.model(x).float().cpu())
-        if not out:
-            return np.zeros((0, EMBEDDING_DIM), np.float32)
-        vectors = torch.cat(out).numpy().astype(np.float32, copy=False)
-        # The network already L2-normalises; renormalise in float32 so stored rows are unit to the last bit.
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+                out = self.model(x).float().cpu()
+                plain.append(out[:len(out) // 2] if mirror else out)
+                mirrored.append(out[len(out) // 2:] if mirror else out[:0])
+        return _unit(torch.cat(plain)), _unit(torch.cat(mirrored))
+
+
+def _as_batch(faces: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    if isinstance(faces, list):
+        return torch.stack(faces) if faces else torch.zeros((0, 3, 160, 160))
+    return faces
+
+
+def _unit(rows: torch.Tensor) -> np.ndarray:
+    vectors = rows.numpy().astype(np.float32, copy=False)
+    # The network already L2-normalises; renormalise in float32 so stored rows are unit to the last bit.
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def flip_average(plain: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """The flip-averaged embedding: the normalised mean of a face's and its mirror image's unit vectors."""
+    return _unit(torch.from_numpy(np.ascontiguousarray(plain + mirrored, dtype=np.float32)))

@@ -22,6 +22,7 @@ import lmdb
 import numpy as np
 
 from indexer import faults
+from indexer import fingerprint as fp
 from indexer.embedding import EMBEDDING_DIM as DIM
 from indexer.errors import IndexMismatchError, NotFoundError
 from indexer.fsutil import private_dir
@@ -158,15 +159,16 @@ class FaceStore:
         txn.put(key.encode(), pack(value), db=self.db["meta"])
 
     def check_model(self, fingerprint: str, txn: lmdb.Transaction) -> None:
-        """Record the model on first use; refuse another model afterwards."""
-        current = self.get_meta("model", txn=txn)
-        if current is None:
+        """Record the model (weights and preprocessing: indexer/fingerprint.py) on first use; refuse vectors made
+        differently afterwards, and any while a rebuild is unfinished."""
+        pending = self.get_meta(fp.REBUILD_KEY, txn=txn)
+        if pending is not None:
+            raise fp.interrupted(self.index_dir, pending)
+        current = fp.normalised(self.get_meta("model", txn=txn))
+        if current is not None and current != fingerprint:
+            raise fp.mismatch(self.index_dir, current, fingerprint)
+        if self.get_meta("model", txn=txn) != fingerprint:  # first use, or a pre-issue-11 record made explicit
             self.put_meta(txn, "model", fingerprint)
-        elif current != fingerprint:
-            raise IndexMismatchError(
-                f"index {self.index_dir} was built with model {current}, not {fingerprint}; "
-                f"use --weights {current.split(':')[0]} or a new --index"
-            )
 
     # ------------------------------------------------------------------ files
     def get_file(self, path: str, txn: lmdb.Transaction | None = None) -> FileRecord | None:
@@ -279,6 +281,36 @@ class FaceStore:
             txn.delete(key, db=self.db[name])
         self._log(txn, "r", face_id)
 
+    def rewrite_file(self, txn: lmdb.Transaction, record: FileRecord, kept: dict[int, NewFace],
+                     new: Iterable[NewFace] = ()) -> list[int]:
+        """A file embedded again (``ingest --rebuild``): its faces in ``kept`` keep their ids (``replace_face``),
+        its other old faces leave, ``new`` faces are added; returns the file's face ids."""
+        old = self.get_file(record.path, txn)
+        for face_id in old.face_ids if old else []:
+            if face_id not in kept:
+                self._remove_face(txn, face_id)
+        if old is not None and old.sha256 and old.sha256 != record.sha256:
+            self._link_sha(txn, old.sha256, record.path, add=False)
+        for face_id, face in kept.items():
+            self.replace_face(txn, face_id, face)
+        record.face_ids = list(kept) + [self._add_face(txn, record.path, face) for face in new]
+        record.indexed_at = time.time()
+        txn.put(path_key(record.path), pack(record.to_dict()), db=self.db["files"])
+        if record.sha256:
+            self._link_sha(txn, record.sha256, record.path, add=True)
+        return record.face_ids
+
+    def replace_face(self, txn: lmdb.Transaction, face_id: int, face: NewFace) -> None:
+        """The same face embedded again (``ingest --rebuild``): new box, vector and thumbnail under its old id, so
+        what the user said of it stays; its person is kept until the next recluster. Logged as 'u' (sync.py)."""
+        rec = self.get_face(face_id, txn)
+        rec.box, rec.prob = [float(v) for v in face.box], float(face.prob)
+        rec.landmarks = [[float(x), float(y)] for x, y in face.landmarks]
+        txn.put(u64(face_id), pack(rec.to_dict()), db=self.db["faces"])
+        txn.put(u64(face_id), np.ascontiguousarray(face.vector, dtype=np.float32).tobytes(), db=self.db["vectors"])
+        txn.put(u64(face_id), face.thumbnail, db=self.db["thumbs"])
+        self._log(txn, "u", face_id)
+
     def get_face(self, face_id: int, txn: lmdb.Transaction | None = None) -> FaceRecord | None:
         raw = self._get("faces", u64(face_id), txn)
         return None if raw is None else decode_face(u64(face_id), raw)
@@ -335,7 +367,8 @@ class FaceStore:
 
     # ------------------------------------------------------------------ change log
     def log_since(self, seq: int, txn: lmdb.Transaction) -> Iterator[tuple[int, str, int]]:
-        """(seq, op, face_id) for every change after ``seq``; op is 'a' (added) or 'r' (removed)."""
+        """(seq, op, face_id) for every change after ``seq``; op is 'a' (added), 'r' (removed) or 'u' (its vector
+        replaced by ``replace_face``)."""
         cursor = txn.cursor(db=self.db["log"])
         if cursor.set_range(u64(seq + 1)):
             for key, raw in cursor:

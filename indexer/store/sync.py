@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer import fingerprint as fp
 from indexer.config import IndexSettings
 from indexer.errors import IndexFileError
 from indexer.store.lmdb_store import SNAPSHOT_FILE, FaceStore
@@ -40,7 +41,7 @@ class SyncedIndex:
             if self.path.exists() or self.store.get_meta("seq", 0) > 0:
                 log.warning("FAISS snapshot unusable (%s); rebuilding it from the store", exc)
             return self.rebuild()
-        if meta.get("model") != model:
+        if fp.normalised(meta.get("model")) != fp.normalised(model):
             log.warning("FAISS snapshot was built for model %s, the store holds %s; rebuilding",
                         meta.get("model"), model)
             return self.rebuild()
@@ -62,19 +63,23 @@ class SyncedIndex:
                 # The writer truncated the log past our snapshot (we loaded an older file): start again.
                 self.index, self.seq = self.rebuild()
                 return len(self.index)
-            added: list[int] = []
-            removed: set[int] = set()
+            # Per face, its first and last change since self.seq: 'a' added, 'r' removed, 'u' its vector replaced
+            # (ingest --rebuild). A face whose first change is not 'a' was in the index: it leaves; one whose last
+            # change is not 'r' is (back) in the store: its current vector goes in.
+            first: dict[int, str] = {}
+            final: dict[int, str] = {}
             last = self.seq
             for seq, op, face_id in self.store.log_since(self.seq, txn):
-                (added.append(face_id) if op == "a" else removed.add(face_id))
+                first.setdefault(face_id, op)
+                final[face_id] = op
                 last = seq
             fresh, vectors = [], []
-            for i in added:
-                vector = self.store.get_vector(i, txn) if i not in removed else None
+            for i, op in final.items():
+                vector = self.store.get_vector(i, txn) if op != "r" else None
                 if vector is not None and vector.shape == (self.index.dim,):  # else damaged: see integrity.py
                     fresh.append(i)
                     vectors.append(vector)
-        gone = [i for i in removed if i not in set(added)]
+        gone = [i for i, op in first.items() if op != "a"]
         if gone:
             self.index.remove(np.asarray(gone, dtype=np.int64))
         if fresh:
