@@ -45,3 +45,7 @@ class ReadStalledError(FaceIndexError):
 
 class StorageError(FaceIndexError):
     """The index folder cannot be written (disk full, read-only, no permission): nothing half-written is kept."""
+
+
+class EngineError(FaceIndexError):
+    """The distributed engine cannot run: Ray is not installed, its cluster cannot be reached, or a worker failed."""
