@@ -28,6 +28,7 @@ from indexer.store.lmdb_store import SNAPSHOT_FILE, FaceStore, store_exists
 if TYPE_CHECKING:
     from indexer.models.detector import FaceDetector
     from indexer.models.embedder import FaceEmbedder
+    from indexer.pipeline.ray_engine import RayRun
     from indexer.pipeline.runner import IngestSummary, Pipeline
     from indexer.store.sync import SyncedIndex
 
@@ -161,6 +162,28 @@ class FaceIndex:
         try:
             with pipeline:  # closing (the final snapshot) is inside the signals' deadline too
                 return pipeline.ingest(candidates, progress=progress)
+        finally:
+            restore()
+
+    def ingest_ray(self, paths: list[str | Path], address: str | None = None, staging: str | Path | None = None,
+                   shard_size: int = 0, progress: bool = True) -> RayRun:
+        """``ingest --engine ray``: Ray Data workers (a local Ray, or the cluster at ``address``) write shards into
+        ``staging`` (default ``<index>/staging``), this process merges them (indexer/pipeline/ray_engine.py)."""
+        from indexer.pipeline.ray_engine import RayIngest
+        from indexer.pipeline.runner import trap_stop_signals
+        from indexer.pipeline.scan import scan
+
+        candidates = list(scan(paths, self.settings.ingest.extensions, self.settings.watch.ignore))
+        pipeline = self.pipeline()
+        stored = self.store.get_meta("model")
+        engine = RayIngest(pipeline, prefer=stored.split(":")[0] if stored else None, address=address,
+                           staging=Path(staging).expanduser().absolute() if staging else self.dir / "staging",
+                           shard_size=shard_size,
+                           fingerprint=lambda weights: fp.full(weights, fp.configured(self.settings)))
+        restore = trap_stop_signals(pipeline.stop, self.settings.ingest.stop_grace_s)
+        try:
+            with pipeline:
+                return engine.run(candidates, progress=progress)
         finally:
             restore()
 

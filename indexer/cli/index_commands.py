@@ -11,7 +11,16 @@ import sys
 
 import click
 
-from indexer.cli.options import emit, fmt, index_options, json_option, open_index, weights_option
+from indexer.cli.options import (
+    EngineOptions,
+    emit,
+    engine_options,
+    fmt,
+    index_options,
+    json_option,
+    open_index,
+    weights_option,
+)
 from indexer.cli.serve_commands import query_via_server
 from indexer.config import Settings
 from indexer.display import display
@@ -24,21 +33,29 @@ from indexer.display import display
 @weights_option
 @json_option
 @click.option("--no-progress", is_flag=True, help="No progress bar (it also hides itself when not a terminal).")
+@engine_options
 @click.option("--rebuild", is_flag=True, help="Instead of PATHS: embed every indexed photo again from its file with "
               "the configured weights, margin and flip (faces found again keep their ids and what you said of them).")
-def ingest(paths: tuple[str, ...], settings: Settings, as_json: bool, no_progress: bool, rebuild: bool) -> None:
+def ingest(paths: tuple[str, ...], settings: Settings, as_json: bool, no_progress: bool,
+           engine: EngineOptions | None, rebuild: bool) -> None:
     """Index the faces of image files and folders (recursive, incremental)."""
     if bool(paths) == rebuild:
         raise click.UsageError("give PATH... to index, or --rebuild (no PATH) to re-embed the index")
+    if rebuild and engine is not None:
+        raise click.UsageError("--rebuild runs in this process only: leave out --engine ray")
     progress = not no_progress and sys.stderr.isatty()
     with open_index(settings, "write", command="ingest") as fi:
         if rebuild:
             result = fi.rebuild(progress=progress)
             emit(result, as_json, _rebuild_text)
             sys.exit(130 if result["interrupted"] else 0)
-        summary = fi.ingest(list(paths), progress=progress)
-    emit(summary.to_dict(), as_json, _ingest_text)
-    if summary.interrupted:
+        if engine is not None:
+            summary = fi.ingest_ray(list(paths), engine.address, engine.staging, engine.shard_size, progress=progress)
+        else:
+            summary = fi.ingest(list(paths), progress=progress)
+    result = summary.to_dict()
+    emit(result, as_json, _ingest_text)
+    if result["interrupted"]:
         sys.exit(130)
 
 
@@ -50,6 +67,10 @@ def _ingest_text(s: dict) -> str:
     lines += [f"  failed: {display(f['path'])}: {display(f['reason'])}" for f in s["failures"][:20]]
     if len(s["failures"]) > 20:
         lines.append(f"  ... and {len(s['failures']) - 20} more (see `faceindex status --json`)")
+    if s.get("engine") == "ray" and s["pool"]:
+        lines.append(f"ray: {s['pool']['reason']}; {s['shards']} shards of {s['shard_size']} files")
+    if s.get("resumed_shards"):
+        lines.append(f"resumed: {s['resumed_shards']} shards an interrupted run left in {display(s['staging'])}")
     if s["interrupted"]:
         lines.append("interrupted: everything up to the last batch is committed; run again to continue")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -19,8 +20,8 @@ from indexer.errors import FaceIndexError
 if TYPE_CHECKING:
     from indexer.library import FaceIndex
 
-__all__ = ["CLUSTER_METHODS", "FaceIndexGroup", "emit", "fmt", "index_options", "json_option", "method_option",
-           "open_index", "run", "weights_option"]
+__all__ = ["CLUSTER_METHODS", "EngineOptions", "FaceIndexGroup", "emit", "engine_options", "fmt", "index_options",
+           "json_option", "method_option", "open_index", "run", "weights_option"]
 
 
 class FaceIndexGroup(click.Group):
@@ -63,6 +64,41 @@ def weights_option(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, weights: str | None, settings: Settings, **kwargs: Any) -> Any:
         return fn(*args, settings=with_overrides(settings, "embedder", weights=weights), **kwargs)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """``ingest --engine ray``'s options, as ``FaceIndex.ingest_ray`` takes them."""
+
+    address: str | None = None
+    staging: str | None = None
+    shard_size: int = 0
+
+
+def engine_options(fn: Callable) -> Callable:
+    """--engine, --address, --staging, --shard-size, passed as ``engine``: None for the local engine."""
+
+    @click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                  help="local: this process does everything; ray: Ray Data workers write shards that this process "
+                       "merges (README: Scaling out).")
+    @click.option("--address", default=None,
+                  help="--engine ray: the cluster (HOST:PORT printed by `ray start --head`, or auto); default: a "
+                       "local Ray started for this run.")
+    @click.option("--staging", type=click.Path(file_okay=False), default=None,
+                  help="--engine ray: folder for the workers' shards, on storage every node sees; default "
+                       "INDEX/staging.")
+    @click.option("--shard-size", type=click.IntRange(min=0), default=0,
+                  help="--engine ray: files per shard (0: chosen from the cluster's size).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, engine_name: str, address: str | None, staging: str | None, shard_size: int,
+                **kwargs: Any) -> Any:
+        if engine_name == "local":
+            if address or staging or shard_size:
+                raise click.UsageError("--address, --staging and --shard-size go with --engine ray")
+            return fn(*args, engine=None, **kwargs)
+        return fn(*args, engine=EngineOptions(address, staging, shard_size), **kwargs)
 
     return wrapper
 
