@@ -55,6 +55,9 @@ class IndexSettings:
     exact_max_vectors: int = 50_000  # Flat (exact) up to here, IVF above: see indexer/store/choose.py
     target_recall: float = 0.95      # IVF nprobe is chosen for this recall@10
     snapshot_every: int = 2000       # save the FAISS file after this many changes or 10% growth (and at exit)
+    # RAM for the vector index, in MiB; 0: a quarter of physical memory (see store/choose.py). Past it the float32
+    # vectors stay in LMDB and the index keeps compressed codes, re-ranked with vectors read from the store.
+    memory_budget_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ def validate(s: Settings) -> Settings:
         (s.cluster.pair_margin >= 0, "cluster.pair_margin must be >= 0"),
         (s.watch.settle_s >= 0, "watch.settle_s must be >= 0"),
         (0 < s.index.target_recall <= 1, "index.target_recall must be in (0, 1]"),
+        (s.index.memory_budget_mb >= 0, "index.memory_budget_mb must be >= 0 (0 = a quarter of RAM)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -282,7 +282,7 @@ class FaceIndex:
             "files": counts["files"],
             "faces": counts["faces"],
             "model": counts["model"],
-            "index": {**_index_info_for(index.index, self.settings.index), "snapshot_seq": index.saved_seq,
+            "index": {**index.info(), "snapshot_seq": index.saved_seq,
                       "store_seq": counts["seq"]},
             "clusters": clustering.summary() if clustering else {"method": None, "k": 0},
             "daemon": daemon_status(self.dir),
@@ -394,13 +394,3 @@ class FaceIndex:
                             title=f"faceindex: {self.dir}", seed=self.settings.cluster.seed,
                             open_browser=open_browser)
 
-def _index_info_for(index, settings) -> dict[str, Any]:
-    """The index's info, with the reason restated for its current size when the choice for that size agrees."""
-    from indexer.store.choose import choose_index
-
-    info = dict(index.info)
-    now = choose_index(len(index), exact_max_vectors=settings.exact_max_vectors,
-                       target_recall=settings.target_recall)
-    if now.key == info["type"]:
-        info["reason"] = now.reason
-    return info

@@ -17,6 +17,8 @@ from indexer.store.choose import (
     IndexChoice,
     choose_index,
     index_kind,
+    ivf_nlist,
+    memory_needed,
     ranked_candidates,
 )
 from indexer.store.vectors import MAGIC, VectorIndex
@@ -77,7 +79,7 @@ def test_choose_index_uses_the_measured_nprobe(nlist: int) -> None:
 @pytest.mark.parametrize("kwargs, n, key_kind, in_reason", [
     ({"target_recall": 0.9999}, 1_000_000, "Flat", "no measured IVF setting"),   # only exact reaches it
     ({"exact_max_vectors": 10}, 100, "Flat", "too few vectors"),                  # cannot train lists on 100
-    ({"memory_budget_bytes": 10**9}, 1_000_000, "PCA,IVF,SQ8", "over the budget"),  # float32 needs ~2 GB
+    ({"memory_budget_bytes": 10**9}, 1_000_000, "PCAR,IVF,PQx4fs,RLMDB", "over the budget"),  # float32: ~2 GB
     ({"exact_max_vectors": 50}, 100_000, "PCA,IVF,SQ8,RFlat", "exact search is too slow"),
 ])
 def test_choose_index_branches(kwargs: dict, n: int, key_kind: str, in_reason: str) -> None:
@@ -99,7 +101,9 @@ def test_ranked_candidates_put_exact_behind_ivf_when_large() -> None:
 # -- VectorIndex -------------------------------------------------------------------------------------------------
 def build_ivf(key_kind: str = "PCA,IVF,SQ8,RFlat") -> tuple[VectorIndex, np.ndarray]:
     x = clustered(IVF_N)
-    budget = None if key_kind.endswith("RFlat") else IVF_N * DIM * 3   # room for the 8-bit codes only
+    # No budget: in RAM; else room for the 4-bit codes and their training only (float32 needs IVF_N * 192 bytes).
+    compressed = memory_needed("PCAR8,IVF,PQ8x4fs,RLMDB", IVF_N, DIM, ivf_nlist(IVF_N))
+    budget = None if key_kind.endswith("RFlat") else compressed
     index = VectorIndex.build(np.arange(IVF_N) + 100, x, exact_max_vectors=IVF_EXACT_MAX, memory_budget_bytes=budget)
     assert index_kind(index.choice.key) == key_kind
     return index, x
@@ -132,7 +136,7 @@ def test_padding_when_fewer_than_k(size: int) -> None:
     assert np.all(ids[:, :size] >= 0) and np.all(np.isfinite(sims[:, :size]))
 
 
-@pytest.mark.parametrize("key_kind", ["PCA,IVF,SQ8,RFlat", "PCA,IVF,SQ8"])
+@pytest.mark.parametrize("key_kind", ["PCA,IVF,SQ8,RFlat", "PCAR,IVF,PQx4fs,RLMDB"])
 def test_ivf_build_search_remove(key_kind: str) -> None:
     index, x = build_ivf(key_kind)
     assert index.choice.nprobe >= 1 and len(index) == IVF_N
@@ -156,17 +160,18 @@ def test_refined_ivf_scores_exactly_and_finds_most_true_neighbours() -> None:
     assert recall >= 0.8, recall
 
 
-@pytest.mark.parametrize("kind", ["Flat", "PCA,IVF,SQ8,RFlat", "PCA,IVF,SQ8"])
+@pytest.mark.parametrize("kind", ["Flat", "PCA,IVF,SQ8,RFlat", "PCAR,IVF,PQx4fs,RLMDB", "SQ8,RLMDB"])
 def test_save_load_roundtrip(tmp_path: Path, kind: str) -> None:
-    if kind == "Flat":
+    if kind in ("Flat", "SQ8,RLMDB"):
         x = unit(40)
-        index = VectorIndex.build(np.arange(40), x)
+        index = VectorIndex.build(np.arange(40), x, memory_budget_bytes=None if kind == "Flat" else 40 * (DIM + 64))
     else:
         index, x = build_ivf(kind)
+    assert index_kind(index.choice.key) == kind
     path = tmp_path / "vectors.fidx"
     index.save(path, {"model": "test:1234", "watermark": 42})
     assert [p.name for p in tmp_path.iterdir()] == ["vectors.fidx"]   # no temp file left behind
-    loaded, meta = VectorIndex.load(path)
+    loaded, meta = VectorIndex.load(path, source=index._source)
     assert meta == {"model": "test:1234", "watermark": 42}
     assert loaded.choice == index.choice and loaded.info == index.info
     for a, b in zip(index.search(x[:10], 7), loaded.search(x[:10], 7), strict=True):

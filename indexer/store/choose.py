@@ -22,11 +22,22 @@ Tried alongside on the same data and machine (one-off runs, under load from othe
 0.95 only at nprobe 384, reading ~190 MB a query (over 10 ms); ``HNSW32`` took 13 minutes to build on 2 cores,
 reached 0.92 at efSearch 128, and supports no removal; PCA to 64 lost recall (0.953 where 128 gives 0.970). This
 index keeps removal: the inverted lists and the exact store both remove by id.
+
+Past the memory budget (``index.memory_budget_mb``; see ``memory_budget``) the float32 vectors stay on disk: LMDB
+holds every one of them anyway. The index then keeps only compact codes in RAM and re-ranks its candidates with
+float32 vectors read from the store (key suffix ``,RLMDB``): below the exact threshold ``SQ8`` (8-bit codes of
+every vector, scanned exhaustively: a quarter of the float32 bytes), above it ``PCAR128,IVF<nlist>,PQ64x4fs``
+(PCA to 128 dimensions and a random rotation, inverted lists, 64 sub-quantizers of 4 bits: 32 bytes a vector,
+scanned with SIMD "fast-scan"). Measured by ``benchmarks/bench_scale.py`` (results/bench_scale.txt) and a one-off
+sweep beside it at 1M synthetic face vectors, 200 queries, one query at a time on one thread: PCAR128 beat plain
+PCA128 (recall@10 0.958 vs 0.923 at nprobe 512, 200 candidates: the rotation spreads PCA's unequal variances over
+the sub-quantizers), PQ32x4fs (16 bytes) topped out at 0.82, and 400 candidates beat 200 by ~0.01 for ~0.2 ms.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from indexer.errors import ConfigError
@@ -54,10 +65,36 @@ MIN_NLIST = 64           # fewer lists than this and an IVF reads so much of the
 MAX_NLIST = 65_536       # beyond this the coarse quantizer (a flat scan of the centroids) dominates each query
 BYTES_PER_ID = 64        # int64 id, plus the id -> row map of the exact store (a hash map entry)
 
+# -- past the memory budget: codes in RAM, re-ranked with float32 vectors read from LMDB -------------------------
+STORE_RERANK = ",RLMDB"
+# Candidates per wanted result read from LMDB and re-scored: 4-bit codes order candidates coarsely, so 40 x k
+# (400 at k = 10): measured recall@10 0.972 vs 0.963 at 20 x k (nprobe 512, 1M) for ~0.4 ms more a query.
+STORE_REFINE_FACTOR = 40
+PQ_M = 64                # sub-quantizers: 2 of the 128 PCA dimensions each, 4 bits (16 centroids) a sub-quantizer
+# RAM per vector of PCAR128,IVF,PQ64x4fs besides its m/2 bytes of codes: the 8-byte id in the inverted lists and
+# what the lists' growth costs; measured by bench_scale as the RSS growth of the build over n (bench_scale.txt).
+PQ_OVERHEAD_BYTES = 16
+# Training, transient: the PCA on PCA_TRAIN_POINTS float32 vectors, then k-means and the sub-quantizers on
+# TRAIN_POINTS_PER_LIST x nlist projected (128-d) vectors. 32,768 points (64 per dimension) pin down the top 128
+# principal directions, which is all the projection keeps.
+PCA_TRAIN_POINTS = 32_768
+TRAIN_POINTS_PER_LIST = 40
+# nlist -> ((nprobe, recall@10), ...) for PCAR128,IVF<nlist>,PQ64x4fs re-ranked 40x from the store, measured at the
+# size where choose_index picks that nlist (other nlists take the fraction of lists of the nearest row, as above).
+PQ_NPROBE_RECALL: dict[int, tuple[tuple[int, float], ...]] = {
+    # at 1,000,000 (a second sweep, same data, measured 0.966 at 512: k-means on 2 threads is not bit-reproducible)
+    4096: ((256, 0.912), (384, 0.952), (512, 0.972), (768, 0.983), (1024, 0.990)),
+}
+# 0 = a quarter of physical memory: the index is derived data beside the models (~1.4 GB resident in the daemon),
+# the LMDB page cache and the user's own programs; a quarter keeps the in-RAM refined index up to ~2.7M faces on
+# 24 GB (~0.9M on 8 GB) and past that costs ~1 ms a query, not recall. A fixed number would fit no machine.
+AUTO_BUDGET_SHARE = 4
+
 
 @dataclass(frozen=True)
 class IndexChoice:
-    key: str         # "Flat", "PCA128,IVF4096,SQ8,RFlat" (re-ranked by the exact store) or "PCA128,IVF4096,SQ8"
+    key: str         # "Flat", "PCA128,IVF4096,SQ8,RFlat" (re-ranked in RAM), "SQ8,RLMDB" or
+                     # "PCAR128,IVF16384,PQ64x4fs,RLMDB" (re-ranked with vectors read from LMDB)
     nlist: int       # inverted lists (0 for Flat)
     nprobe: int      # lists read per query (0 for Flat)
     reason: str      # one line for `status`
@@ -65,13 +102,18 @@ class IndexChoice:
 
 
 def index_kind(key: str) -> str:
-    """The family of a key, ignoring sizes: "Flat", "PCA,IVF,SQ8,RFlat", "PCA,IVF,SQ8"."""
-    return ",".join(part.rstrip("0123456789") if part[:3] in ("PCA", "IVF") else part for part in key.split(","))
+    """The family of a key, ignoring sizes: "Flat", "PCA,IVF,SQ8,RFlat", "PCAR,IVF,PQx4fs,RLMDB"."""
+    return ",".join(re.sub(r"^(PCAR?|IVF|PQ)\d+", r"\1", part) for part in key.split(","))
 
 
 def pca_dim(dim: int) -> int:
     """Dimensions kept for the coarse search: a quarter (512 -> 128), measured to lose little recall at 1M."""
     return max(1, dim // 4)
+
+
+def pq_m(dim: int) -> int:
+    """Sub-quantizers of the PQ codes: PQ_M, or one per PCA dimension when fewer (small test vectors)."""
+    return min(PQ_M, pca_dim(dim))
 
 
 def ivf_nlist(n_vectors: int) -> int:
@@ -82,20 +124,69 @@ def ivf_nlist(n_vectors: int) -> int:
     return max(MIN_NLIST, min(nlist, trainable, MAX_NLIST))
 
 
-def ivf_nprobe(nlist: int, target_recall: float) -> tuple[int, float, int] | None:
+def ivf_nprobe(nlist: int, target_recall: float,
+               table: dict[int, tuple[tuple[int, float], ...]] = NPROBE_RECALL) -> tuple[int, float, int] | None:
     """(nprobe, recall measured, nlist measured at) of the first calibration point >= target + margin, or None.
 
-    An nlist without its own row takes the same fraction of lists as the nearest calibrated one (in log scale).
+    An nlist without its own row in ``table`` takes the same fraction of lists as the nearest calibrated one (in log
+    scale).
     """
-    calibrated = min(NPROBE_RECALL, key=lambda c: (abs(math.log2(c / nlist)), -c))
-    for nprobe, recall in NPROBE_RECALL[calibrated]:
+    calibrated = min(table, key=lambda c: (abs(math.log2(c / nlist)), -c))
+    for nprobe, recall in table[calibrated]:
         if recall >= min(target_recall + RECALL_MARGIN, 1.0):
             return max(1, min(math.ceil(nprobe * nlist / calibrated), nlist)), recall, calibrated
     return None
 
 
+def memory_budget(setting_mb: float, total_ram_bytes: int | None) -> tuple[int | None, str]:
+    """(budget in bytes or None for none, why) from ``index.memory_budget_mb`` and the machine's memory."""
+    if setting_mb > 0:
+        return int(setting_mb * 2**20), f"index.memory_budget_mb = {setting_mb:g}"
+    if not total_ram_bytes:
+        return None, "no budget: index.memory_budget_mb = 0 and this system does not tell its memory size"
+    return total_ram_bytes // AUTO_BUDGET_SHARE, (f"1/{AUTO_BUDGET_SHARE} of this machine's "
+                                                  f"{total_ram_bytes / 2**20:,.0f} MiB (index.memory_budget_mb = 0)")
+
+
+def memory_needed(key: str, n: int, dim: int, nlist: int) -> int:
+    """Bytes of RAM an index of this family needs for ``n`` vectors: what it holds, plus its training set."""
+    p, n_train = pca_dim(dim), min(n, TRAIN_POINTS_PER_LIST * nlist)
+    exact = n * (4 * dim + BYTES_PER_ID)
+    sq8_coarse = n * (p + BYTES_PER_ID) + 4 * (nlist * p + p * dim) + 4 * n_train * dim
+    return {
+        "Flat": exact,
+        "PCA,IVF,SQ8,RFlat": exact + sq8_coarse,
+        "SQ8,RLMDB": n * (dim + BYTES_PER_ID),
+        "PCAR,IVF,PQx4fs,RLMDB": n * (pq_m(dim) // 2 + PQ_OVERHEAD_BYTES) + 4 * (nlist * p + p * dim)
+        + 4 * (min(n, PCA_TRAIN_POINTS) * dim + n_train * p),
+    }[index_kind(key)]
+
+
 def _vectors(n: int) -> str:
     return f"{n:,} vector{'' if n == 1 else 's'}"
+
+
+def _store_reranked(n: int, dim: int, nlist: int, exact_max_vectors: int, target_recall: float,
+                    budget: int | None, over: str) -> list[IndexChoice]:
+    """The kinds that keep only codes in RAM and re-rank from the store, best first, for ``over`` (why not RAM)."""
+    out: list[IndexChoice] = []
+    if n < exact_max_vectors and memory_needed("SQ8,RLMDB", n, dim, 0) <= (budget or 0):
+        # Small enough to scan every code: 8-bit codes of all vectors, the best 10 x k re-scored from LMDB.
+        out.append(IndexChoice("SQ8" + STORE_RERANK, 0, 0, f"{_vectors(n)}: 8-bit codes of every vector scanned "
+                               f"({n * (dim + BYTES_PER_ID):,} bytes), {REFINE_FACTOR}x k candidates re-ranked with "
+                               f"float32 vectors read from the store, because {over}", REFINE_FACTOR))
+    tuned = ivf_nprobe(nlist, target_recall, PQ_NPROBE_RECALL)
+    key = f"PCAR{pca_dim(dim)},IVF{nlist},PQ{pq_m(dim)}x4fs{STORE_RERANK}"
+    if n >= MIN_POINTS_PER_LIST * nlist and tuned and memory_needed(key, n, dim, nlist) <= (budget or 0):
+        # Large: 4-bit PQ codes in inverted lists; candidates re-ranked with float32 vectors read from LMDB.
+        nprobe, recall, calibrated = tuned
+        measured = f"measured at nlist {calibrated}" + ("" if calibrated == nlist else ", same fraction of lists")
+        out.append(IndexChoice(key, nlist, nprobe, f"{_vectors(n)}: {key.removesuffix(STORE_RERANK)} "
+                               f"({memory_needed(key, n, dim, nlist):,} bytes with training) reading {nprobe} of "
+                               f"{nlist} lists, {STORE_REFINE_FACTOR}x k candidates re-ranked with float32 vectors "
+                               f"read from the store (recall@10 {recall:.3f} {measured}; target {target_recall:g}), "
+                               f"because {over}", STORE_REFINE_FACTOR))
+    return out
 
 
 def ranked_candidates(n_vectors: int, dim: int = 512, *, exact_max_vectors: int = EXACT_MAX_VECTORS,
@@ -104,14 +195,12 @@ def ranked_candidates(n_vectors: int, dim: int = 512, *, exact_max_vectors: int 
     """Every index that can hold ``n_vectors`` within the budget, best first (may be empty)."""
     n = max(n_vectors, 0)
     p, nlist = pca_dim(dim), ivf_nlist(n)
-    exact_bytes = n * (4 * dim + BYTES_PER_ID)
-    codes_bytes = n * (p + BYTES_PER_ID) + 4 * (nlist * p + p * dim)   # 8-bit codes, centroids, projection
-    fits_exact = memory_budget_bytes is None or exact_bytes <= memory_budget_bytes
-    fits_refined = memory_budget_bytes is None or exact_bytes + codes_bytes <= memory_budget_bytes
-    fits_codes = memory_budget_bytes is None or codes_bytes <= memory_budget_bytes
+    ann = f"PCA{p},IVF{nlist},SQ8"
+    need_exact, need_refined = (memory_needed(k, n, dim, nlist) for k in ("Flat", f"{ann},RFlat"))
+    fits_exact = memory_budget_bytes is None or need_exact <= memory_budget_bytes
+    fits_refined = memory_budget_bytes is None or need_refined <= memory_budget_bytes
     trainable = n >= MIN_POINTS_PER_LIST * nlist     # k-means needs enough points per list
     tuned = ivf_nprobe(nlist, target_recall)
-    ann = f"PCA{p},IVF{nlist},SQ8"
     out: list[IndexChoice] = []
 
     if fits_exact and n < exact_max_vectors:
@@ -128,20 +217,20 @@ def ranked_candidates(n_vectors: int, dim: int = 512, *, exact_max_vectors: int 
                                f"candidates re-ranked exactly (recall@10 {recall:.3f} {measured}; target "
                                f"{target_recall:g}); exact search is too slow from {exact_max_vectors:,} vectors",
                                REFINE_FACTOR))
+    if not fits_exact or (n >= exact_max_vectors and not fits_refined):
+        # Over the budget in RAM: codes only, re-ranked from LMDB (which holds every vector anyway). Ahead of a slow
+        # exact search: these meet the recall target at a few ms, Flat needs ~85 ms a query at 1M.
+        held = need_exact if not fits_exact else need_refined
+        out += _store_reranked(n, dim, nlist, exact_max_vectors, target_recall, memory_budget_bytes,
+                               f"keeping float32 vectors in RAM needs {held:,} bytes, over the budget of "
+                               f"{memory_budget_bytes:,}")
     if fits_exact and n >= exact_max_vectors:
         # Large but exact: slow, yet the only way to the target when no measured setting reaches it or there are
-        # too few vectors to train the lists; otherwise it ranks behind the refined IVF.
+        # too few vectors to train the lists; otherwise it ranks behind the IVF kinds.
         why = f"too few vectors to train IVF{nlist}" if not trainable else \
             f"no measured IVF setting reaches recall@10 {target_recall:g}" if tuned is None else "exact"
         out.append(IndexChoice("Flat", 0, 0, f"{_vectors(n)}: exact search (Flat), slow from "
                                              f"{exact_max_vectors:,} vectors but {why}"))
-    if not fits_exact and fits_codes and trainable:
-        # Over the memory budget as float32: keep only the 8-bit codes (a sixteenth of the space), without the
-        # exact re-ranking, so recall is lower and not calibrated; nprobe as calibrated (else an eighth of the lists).
-        nprobe = tuned[0] if tuned else nlist // 8
-        out.append(IndexChoice(ann, nlist, nprobe,
-                               f"{_vectors(n)}: {ann} without exact re-ranking because float32 vectors need "
-                               f"{exact_bytes:,} bytes, over the budget of {memory_budget_bytes:,}"))
     return out
 
 
@@ -152,5 +241,5 @@ def choose_index(n_vectors: int, dim: int = 512, *, exact_max_vectors: int = EXA
                                    memory_budget_bytes=memory_budget_bytes)
     if not candidates:
         raise ConfigError(f"{n_vectors:,} vectors of {dim} dimensions do not fit a memory budget of "
-                          f"{memory_budget_bytes:,} bytes even as 8-bit codes; raise the budget")
+                          f"{memory_budget_bytes:,} bytes even as compressed codes; raise index.memory_budget_mb")
     return candidates[0]

@@ -4,18 +4,26 @@ On open the snapshot ``<index>/vectors.faiss`` is loaded and the store's change 
 number the snapshot reflects, so faces committed after the last snapshot (by a crash, or by another process that is
 writing right now) are always searched. A missing, corrupt or foreign-model snapshot is rebuilt from LMDB with a
 warning. Only the writer saves snapshots; readers replay in memory.
+
+The index's memory budget (``index.memory_budget_mb``, 0 = a quarter of RAM) is resolved here, once; an index
+built under another budget is rebuilt when the current one calls for another kind. A rebuild streams the vectors
+from the store in chunks, and kinds past RAM read their candidates' vectors back from it (store/compressed.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from indexer import fingerprint as fp
 from indexer.config import IndexSettings
 from indexer.errors import IndexFileError
+from indexer.store.choose import choose_index, memory_budget
+from indexer.store.compressed import StoreVectors
 from indexer.store.lmdb_store import SNAPSHOT_FILE, FaceStore
 from indexer.store.vectors import VectorIndex
 
@@ -29,6 +37,7 @@ class SyncedIndex:
         self.store = store
         self.settings = settings
         self.path = Path(store.index_dir) / SNAPSHOT_FILE
+        self.memory_budget_bytes, self.budget_reason = memory_budget(settings.memory_budget_mb, physical_memory())
         self.index, self.seq = self._load_or_rebuild()
         self.saved_seq = self.seq if self.path.is_file() else -1
         self.catch_up()
@@ -36,7 +45,7 @@ class SyncedIndex:
     def _load_or_rebuild(self) -> tuple[VectorIndex, int]:
         model = self.store.get_meta("model")
         try:
-            index, meta = VectorIndex.load(self.path)
+            index, meta = VectorIndex.load(self.path, source=StoreVectors(self.store))
         except IndexFileError as exc:
             if self.path.exists() or self.store.get_meta("seq", 0) > 0:
                 log.warning("FAISS snapshot unusable (%s); rebuilding it from the store", exc)
@@ -45,16 +54,32 @@ class SyncedIndex:
             log.warning("FAISS snapshot was built for model %s, the store holds %s; rebuilding",
                         meta.get("model"), model)
             return self.rebuild()
+        index.memory_budget_bytes = self.memory_budget_bytes  # today's budget decides should_rebuild
         return index, int(meta.get("seq", 0))
 
     def rebuild(self) -> tuple[VectorIndex, int]:
+        # One read transaction: the vectors streamed and the sequence number they reflect are one snapshot.
         with self.store.read() as txn:
             seq = self.store.get_meta("seq", 0, txn)
-            ids, vectors = self.store.all_vectors(txn)
-        index = VectorIndex.build(ids, vectors, exact_max_vectors=self.settings.exact_max_vectors,
-                                  target_recall=self.settings.target_recall)
+            index = VectorIndex.build_from(StoreVectors(self.store, txn),
+                                           exact_max_vectors=self.settings.exact_max_vectors,
+                                           target_recall=self.settings.target_recall,
+                                           memory_budget_bytes=self.memory_budget_bytes)
+        index.attach(StoreVectors(self.store))  # searches read candidates in transactions of their own
         self.saved_seq = -1
         return index, seq
+
+    def info(self) -> dict[str, Any]:
+        """For ``status``: the index's info, its reason restated for its current size when the choice for that
+        size agrees, and the memory budget with its reason."""
+        info = dict(self.index.info)
+        now = choose_index(len(self.index), self.index.dim, exact_max_vectors=self.settings.exact_max_vectors,
+                           target_recall=self.settings.target_recall, memory_budget_bytes=self.memory_budget_bytes)
+        if now.key == info["type"]:
+            info["reason"] = now.reason
+        budget = self.memory_budget_bytes
+        return {**info, "memory_budget_mb": None if budget is None else round(budget / 2**20, 3),
+                "memory_budget_reason": self.budget_reason}
 
     def catch_up(self) -> int:
         """Apply the store's changes since ``self.seq``; returns how many faces changed."""
@@ -108,3 +133,16 @@ class SyncedIndex:
         self.saved_seq = self.seq
         self.store.transact(lambda txn: self.store.truncate_log(txn, self.seq))
         return True
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit when lower (containers)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total

@@ -7,9 +7,13 @@ Two parts, chosen by ``choose_index`` (see indexer/store/choose.py for why):
 - the exact store ``IndexIDMap2(IndexFlatIP)``: every vector in float32 by id. Alone it is the ``Flat`` index;
 - for large n a coarse index (``PCA128,IVF4096,SQ8``: projected, 8-bit codes in inverted lists, its own ids) that
   proposes ``k * refine`` candidates which the exact store re-scores (key suffix ``,RFlat``). faiss's own
-  ``IndexRefine`` supports neither ``add_with_ids`` nor ``remove_ids``, hence this pairing. Under a tight memory
-  budget the coarse index may stand alone (no suffix, approximate scores).
-Both parts remove by id, so ``remove`` works for every kind.
+  ``IndexRefine`` supports neither ``add_with_ids`` nor ``remove_ids``, hence this pairing.
+- past the memory budget the coarse index stands alone in RAM (``SQ8`` or ``PCAR128,IVF<n>,PQ64x4fs``) and its
+  candidates are re-scored with float32 vectors read from the store (key suffix ``,RLMDB``; indexer/store/
+  compressed.py): the index needs its ``source`` (``attach``) to search. A coarse index without either suffix
+  (an older snapshot) answers with its approximate scores.
+Both parts remove by id, so ``remove`` works for every kind. Builds read their vectors from a source in chunks
+(``build_from``): from the store, a build never holds all float32 vectors at once unless the kind keeps them.
 
 File format (one file, written atomically: temp file in the same folder, fsync, ``os.replace``, fsync the folder):
 ``b"FIDXV1\\n"`` + 8-byte little-endian header length + UTF-8 JSON header + payload, the payload being
@@ -36,7 +40,15 @@ import numpy as np
 from indexer import faults
 from indexer.errors import IndexFileError
 from indexer.fsutil import atomic_writer
-from indexer.store.choose import EXACT_MAX_VECTORS, TARGET_RECALL, IndexChoice, choose_index, index_kind
+from indexer.store.choose import (
+    EXACT_MAX_VECTORS,
+    STORE_RERANK,
+    TARGET_RECALL,
+    IndexChoice,
+    choose_index,
+    index_kind,
+)
+from indexer.store.compressed import ArrayVectors, VectorSource, rerank, train_coarse
 
 MAGIC = b"FIDXV1\n"
 FORMAT_VERSION = 1
@@ -47,9 +59,7 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 # Unit rows drift by float32 rounding only; a norm off by more means unnormalised input, for which inner products
 # are not cosines.
 NORM_TOLERANCE = 1e-3
-# Training points per IVF list: faiss warns below 39; k-means time grows with them and recall barely does.
-# 10 k-means iterations is faiss's IVF default.
-TRAIN_POINTS_PER_LIST = 40
+# 10 k-means iterations is faiss's IVF default (training points per list: choose.TRAIN_POINTS_PER_LIST).
 TRAIN_ITERATIONS = 10
 # Below faiss's BLAS threshold (20 queries) a search is a loop over queries; one thread does it best: a parallel
 # region for one query gains nothing and, on a loaded machine, waits a scheduler tick for its second thread
@@ -61,16 +71,19 @@ class VectorIndex:
     """A thread-safe FAISS index over unit vectors with int64 ids, add/remove/search and atomic persistence."""
 
     def __init__(self, choice: IndexChoice, dim: int, exact: faiss.Index | None, coarse: faiss.Index | None, *,
-                 exact_max_vectors: int = EXACT_MAX_VECTORS, target_recall: float = TARGET_RECALL) -> None:
+                 exact_max_vectors: int = EXACT_MAX_VECTORS, target_recall: float = TARGET_RECALL,
+                 memory_budget_bytes: int | None = None, source: VectorSource | None = None) -> None:
         if exact is None and coarse is None:
             raise ValueError("a VectorIndex needs an exact store, a coarse index or both")
         self.choice = choice
         self.dim = dim
         self._exact = exact      # IndexIDMap2(IndexFlatIP), or None for codes only
-        self._coarse = coarse    # trained PCA/IVF/SQ8 index with its own ids, or None for Flat
+        self._coarse = coarse    # trained coarse index with its own ids, or None for Flat
+        self._source = source    # where ,RLMDB kinds read their candidates' float32 vectors
         # Kept so should_rebuild asks choose_index the same question the index was built with.
         self.exact_max_vectors = exact_max_vectors
         self.target_recall = target_recall
+        self.memory_budget_bytes = memory_budget_bytes
         # One lock for mutations and searches: the daemon searches while the pipeline adds, and a faiss index is
         # not safe for a concurrent add and search (and both parts must change together).
         self._lock = threading.Lock()
@@ -90,25 +103,34 @@ class VectorIndex:
     def build(cls, ids: np.ndarray, vectors: np.ndarray, *, exact_max_vectors: int = EXACT_MAX_VECTORS,
               target_recall: float = TARGET_RECALL, seed: int = 1234,
               memory_budget_bytes: int | None = None) -> VectorIndex:
-        """Choose the kind for ``len(vectors)`` with ``choose_index``, train it when needed, and add everything."""
+        """Choose the kind for ``len(vectors)`` with ``choose_index``, train it when needed, and add everything.
+
+        The vectors stay the source of an ``,RLMDB`` kind's re-ranking (tests and benchmarks; the running index
+        builds from the store with ``build_from``)."""
         vectors = _as_vectors(vectors)
-        ids = _as_ids(ids, len(vectors))
-        dim = vectors.shape[1]
-        choice = choose_index(len(vectors), dim, exact_max_vectors=exact_max_vectors, target_recall=target_recall,
+        source = ArrayVectors(_as_ids(ids, len(vectors)), vectors)
+        return cls.build_from(source, vectors.shape[1], exact_max_vectors=exact_max_vectors,
+                              target_recall=target_recall, seed=seed, memory_budget_bytes=memory_budget_bytes)
+
+    @classmethod
+    def build_from(cls, source: VectorSource, dim: int = 512, *, exact_max_vectors: int = EXACT_MAX_VECTORS,
+                   target_recall: float = TARGET_RECALL, seed: int = 1234,
+                   memory_budget_bytes: int | None = None) -> VectorIndex:
+        """Build the index ``choose_index`` picks for ``len(source)`` vectors: train the coarse part on seeded
+        samples, then add the vectors chunk by chunk. The source stays attached for re-ranking."""
+        choice = choose_index(len(source), dim, exact_max_vectors=exact_max_vectors, target_recall=target_recall,
                               memory_budget_bytes=memory_budget_bytes)
-        coarse = None
-        if choice.key != "Flat":
-            coarse = faiss.index_factory(dim, choice.key.removesuffix(REFINE_SUFFIX), faiss.METRIC_INNER_PRODUCT)
-            ivf = faiss.extract_index_ivf(coarse)
-            ivf.cp.seed, ivf.cp.niter = seed, TRAIN_ITERATIONS
-            # A seeded sample bounds training time (PCA, k-means, 8-bit ranges all train on it).
-            n_train = min(len(vectors), TRAIN_POINTS_PER_LIST * choice.nlist)
-            pick = np.sort(np.random.default_rng(seed).choice(len(vectors), n_train, replace=False))
-            coarse.train(vectors[pick])
-        exact = _new_exact(dim) if choice.key == "Flat" or choice.refine else None
-        out = cls(choice, dim, exact, coarse, exact_max_vectors=exact_max_vectors, target_recall=target_recall)
-        out.add(ids, vectors)
+        coarse = train_coarse(choice, dim, source, seed, TRAIN_ITERATIONS) if choice.key != "Flat" else None
+        exact = _new_exact(dim) if choice.key == "Flat" or choice.key.endswith(REFINE_SUFFIX) else None
+        out = cls(choice, dim, exact, coarse, exact_max_vectors=exact_max_vectors, target_recall=target_recall,
+                  memory_budget_bytes=memory_budget_bytes, source=source)
+        for ids, vectors in source.chunks():
+            out.add(ids, vectors)
         return out
+
+    def attach(self, source: VectorSource) -> None:
+        """Where an ``,RLMDB`` kind reads its candidates' vectors (a loaded snapshot has none until then)."""
+        self._source = source
 
     # -- mutation and search -------------------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -148,10 +170,14 @@ class VectorIndex:
             else:
                 # Per-call parameters rather than index.nprobe: nothing shared changes, and nprobe (which faiss does
                 # not serialise) always comes from the choice.
-                params = _ivf_params(self._coarse, nprobe or self.choice.nprobe)
+                params = _ivf_params(self._coarse, nprobe or self.choice.nprobe) if self.choice.nlist else None
                 sims, ids = self._coarse.search(queries, k * max(self.choice.refine, 1), params=params)
                 if self._exact is not None:
                     sims, ids = _rerank(self._exact, queries, ids, k)
+                elif self.choice.key.endswith(STORE_RERANK):
+                    if self._source is None:
+                        raise RuntimeError(f"{self.choice.key} re-ranks from the store: attach() it first")
+                    sims, ids = rerank(self._source.fetch(ids[ids >= 0]), queries, ids, k)
         # faiss pads inner-product results with -FLT_MAX; -inf says "no result" without looking like a similarity.
         sims[ids < 0] = -np.inf
         return sims.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
@@ -162,8 +188,9 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         """All ids held, int64, in no particular order."""
         with self._lock:
-            if self._exact is not None:
-                return faiss.vector_to_array(self._exact.id_map).astype(np.int64, copy=False)
+            id_map = self._exact if self._exact is not None else None if self.choice.nlist else self._coarse
+            if id_map is not None:   # the exact store, or an SQ8 whole-scan under an IDMap2
+                return faiss.vector_to_array(id_map.id_map).astype(np.int64, copy=False)
             invlists = faiss.extract_index_ivf(self._coarse).invlists
             parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
                      for i in range(invlists.nlist) if invlists.list_size(i)]
@@ -182,7 +209,8 @@ class VectorIndex:
         True when ``choose_index(n)`` picks another family (e.g. grown past the exact threshold, or shrunk below
         it) or an IVF whose list count differs by 4x or more (lists 16x longer than intended slow every query).
         """
-        wanted = choose_index(n, self.dim, exact_max_vectors=self.exact_max_vectors, target_recall=self.target_recall)
+        wanted = choose_index(n, self.dim, exact_max_vectors=self.exact_max_vectors, target_recall=self.target_recall,
+                              memory_budget_bytes=self.memory_budget_bytes)
         if index_kind(wanted.key) != index_kind(self.choice.key):
             return True
         if wanted.nlist and self.choice.nlist:
@@ -200,6 +228,7 @@ class VectorIndex:
         fields = {
             "format": FORMAT_VERSION, "meta": meta or {}, "choice": asdict(self.choice), "n": n, "dim": self.dim,
             "exact_max_vectors": self.exact_max_vectors, "target_recall": self.target_recall,
+            "memory_budget_bytes": self.memory_budget_bytes,
             "parts": {"exact": len(exact), "coarse": len(coarse)},
         }
         header = json.dumps({**fields, "sha256": _digest(fields, exact, coarse)}, sort_keys=True).encode()
@@ -213,8 +242,9 @@ class VectorIndex:
             faults.reached("snapshot")  # tests/faults: a crash with the new snapshot written but not in place
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple[VectorIndex, dict[str, Any]]:
-        """Read a file written by ``save``; raises ``IndexFileError`` when it is missing or damaged in any way."""
+    def load(cls, path: str | Path, source: VectorSource | None = None) -> tuple[VectorIndex, dict[str, Any]]:
+        """Read a file written by ``save`` (``source``: see ``attach``); raises ``IndexFileError`` when it is missing
+        or damaged in any way."""
         path = Path(path)
         try:
             with open(path, "rb") as f:
@@ -252,7 +282,8 @@ class VectorIndex:
         if not parts or any(p.ntotal != n or p.d != dim for p in parts):
             raise IndexFileError(f"{path}: payload does not hold the {n}x{dim} vectors its header says")
         index = cls(choice, dim, exact, coarse, exact_max_vectors=header.get("exact_max_vectors", EXACT_MAX_VECTORS),
-                    target_recall=header.get("target_recall", TARGET_RECALL))
+                    target_recall=header.get("target_recall", TARGET_RECALL),
+                    memory_budget_bytes=header.get("memory_budget_bytes"), source=source)
         return index, header["meta"]
 
     # -- internals -----------------------------------------------------------------------------------------------

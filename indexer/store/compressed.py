@@ -1,0 +1,274 @@
+"""Indexes past RAM: where the vectors of a build come from, how compressed kinds are trained, and re-ranking with
+float32 vectors read from the store.
+
+A build reads its vectors from a *source*: ``ArrayVectors`` (an array already in RAM: tests, benchmarks) or
+``StoreVectors`` (the LMDB store, streamed in chunks, so a build never holds every float32 vector at once). The
+same source answers ``fetch`` for the kinds re-ranked from the store (key suffix ``,RLMDB``, see choose.py): only
+the candidates' vectors are read, from LMDB's memory map.
+
+LMDB stores each 2,048-byte vector in its own 4 KiB overflow page, and every page of the map that this process
+touched counts in its resident memory (RSS) until the kernel needs it back: a build streaming 5M vectors would show
+20 GB resident, all of it reclaimable page cache but indistinguishable from a leak to whoever watches RSS. So after
+every ``TRIM_EVERY_BYTES`` read, the map's pages are dropped from this process (``madvise(MADV_DONTNEED)`` on the
+read-only shared mapping: the data stays in the page cache and comes back on the next touch, nothing is lost).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections.abc import Iterator
+from typing import Protocol
+
+import faiss
+import lmdb
+import numpy as np
+
+from indexer.store.choose import PCA_TRAIN_POINTS, STORE_RERANK, TRAIN_POINTS_PER_LIST, IndexChoice
+from indexer.store.integrity import vector_ok
+from indexer.store.lmdb_store import STORE_DIR, FaceStore
+from indexer.store.records import from_u64, u64
+
+log = logging.getLogger(__name__)
+
+# Vectors a build reads and adds at a time: 32,768 x 2 KiB = 64 MiB of float32 (128 MiB of LMDB pages).
+CHUNK_VECTORS = 32_768
+# Drop the store's mapped pages from this process after this many bytes of them were read (see the docstring).
+TRIM_EVERY_BYTES = 64 * 2**20
+PAGE_BYTES = 4096           # LMDB's page: a 2 KiB vector fills one overflow page of its own
+MADV_DONTNEED = 4           # Linux
+# SQ8 learns each dimension's range: tens of thousands of vectors pin it down (outliers are clamped, then re-ranked).
+SQ8_TRAIN_POINTS = 40_960
+
+
+class VectorSource(Protocol):
+    """Where a build reads its vectors, and where ``,RLMDB`` kinds read their candidates'."""
+
+    def __len__(self) -> int: ...
+
+    def chunks(self, size: int = CHUNK_VECTORS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64 [m], vectors float32 [m, d]) in id order, ``size`` at a time."""
+        ...
+
+    def sample_chunks(self, n: int, seed: int, size: int = CHUNK_VECTORS) -> Iterator[np.ndarray]:
+        """``n`` vectors drawn without replacement by a seeded generator (in id order), ``size`` at a time."""
+        ...
+
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors float32 [m, d], found bool [m]) for these ids; rows of ids not held are zero."""
+        ...
+
+
+def sample(source: VectorSource, n: int, seed: int) -> np.ndarray:
+    """A seeded sample of ``n`` vectors of ``source`` (all of them when it holds fewer), float32 [m, d]."""
+    return np.concatenate(list(source.sample_chunks(n, seed)))
+
+
+def sample_positions(total: int, n: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded sample (the same draw ``VectorIndex.build`` always made)."""
+    return np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+
+
+class ArrayVectors:
+    """A source over arrays already in RAM."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.ids, self.vectors = ids, vectors
+        self._row = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def chunks(self, size: int = CHUNK_VECTORS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(self.ids), size):
+            yield self.ids[start:start + size], self.vectors[start:start + size]
+
+    def sample_chunks(self, n: int, seed: int, size: int = CHUNK_VECTORS) -> Iterator[np.ndarray]:
+        positions = sample_positions(len(self.ids), n, seed)
+        for start in range(0, len(positions), size):
+            yield self.vectors[positions[start:start + size]]
+
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._row is None:
+            self._row = {int(i): r for r, i in enumerate(self.ids.tolist())}
+        rows = np.array([self._row.get(int(i), -1) for i in ids], np.int64)
+        out = np.zeros((len(ids), self.vectors.shape[1]), np.float32)
+        out[rows >= 0] = self.vectors[rows[rows >= 0]]
+        return out, rows >= 0
+
+
+class StoreVectors:
+    """A source over the store's ``vectors`` table. With ``txn``, ``len``/``chunks``/``sample`` read in that
+    transaction (a rebuild reads one consistent snapshot, with its change sequence); ``fetch`` always opens a
+    short transaction of its own, since searches come later and from any thread."""
+
+    def __init__(self, store: FaceStore, txn: lmdb.Transaction | None = None, dim: int = 512) -> None:
+        self.store, self.txn, self.dim = store, txn, dim
+        self._trim = MapTrimmer(store)
+
+    def __len__(self) -> int:
+        return self._read(lambda txn: txn.stat(self.store.db["vectors"])["entries"])
+
+    def _read(self, fn):
+        if self.txn is not None:
+            return fn(self.txn)
+        with self.store.read() as txn:
+            return fn(txn)
+
+    def chunks(self, size: int = CHUNK_VECTORS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        txn = self.txn
+        if txn is None:
+            raise ValueError("StoreVectors.chunks needs the transaction of a build")
+        ids: list[int] = []
+        raws: list[bytes] = []
+        for key, raw in txn.cursor(db=self.store.db["vectors"]):
+            if vector_ok(key, raw):   # a damaged vector is left out (integrity.py counts it)
+                ids.append(from_u64(key))
+                raws.append(raw)
+            if len(ids) == size:
+                yield self._batch(ids, raws)
+                ids, raws = [], []
+        if ids:
+            yield self._batch(ids, raws)
+
+    def _batch(self, ids: list[int], raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        vectors = np.frombuffer(b"".join(raws), np.float32).reshape(len(raws), self.dim)
+        self._trim.read(len(raws) * PAGE_BYTES)
+        return np.asarray(ids, np.int64), vectors
+
+    def sample_chunks(self, n: int, seed: int, size: int = CHUNK_VECTORS) -> Iterator[np.ndarray]:
+        txn = self.txn
+        if txn is None:
+            raise ValueError("StoreVectors.sample_chunks needs the transaction of a build")
+        db = self.store.db["vectors"]
+        # Keys only (leaf pages): the overflow pages of the vectors not drawn are never touched.
+        keys = list(txn.cursor(db=db).iternext(keys=True, values=False))
+        positions = sample_positions(len(keys), n, seed)
+        for start in range(0, len(positions), size):
+            raws = [raw for i in positions[start:start + size] if vector_ok(keys[i], raw := txn.get(keys[i], db=db))]
+            self._trim.read(len(raws) * PAGE_BYTES)
+            yield np.frombuffer(b"".join(raws), np.float32).reshape(len(raws), self.dim)
+
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = np.zeros(len(ids), bool)
+        raws: list[bytes] = []
+        with self.store.read() as txn:
+            db = self.store.db["vectors"]
+            for j, i in enumerate(ids.tolist()):
+                raw = txn.get(u64(i), db=db)
+                if raw is not None and len(raw) == 4 * self.dim:  # gone since (removed) or damaged: not a result
+                    found[j] = True
+                    raws.append(raw)
+            self._trim.read(len(raws) * PAGE_BYTES)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        if raws:
+            out[found] = np.frombuffer(b"".join(raws), np.float32).reshape(len(raws), self.dim)
+        return out, found
+
+
+class MapTrimmer:
+    """Drops the store's memory-mapped pages from this process's RSS every ``TRIM_EVERY_BYTES`` read.
+
+    Called only inside a read transaction of the store (``FaceStore.read`` holds off a remap of the map while it
+    runs), so the mapping found in /proc/self/maps is still the store's when ``madvise`` runs. Linux only; elsewhere
+    nothing is done.
+    """
+
+    def __init__(self, store: FaceStore) -> None:
+        self.path = os.path.realpath(os.path.join(store.index_dir, STORE_DIR, "data.mdb"))
+        self.pending = 0
+        self._madvise = _libc_madvise()
+
+    def read(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= TRIM_EVERY_BYTES:
+            self.trim()
+
+    def trim(self) -> int:
+        """Drop the mapped pages now; returns how many bytes of mapping were advised."""
+        self.pending = 0
+        if self._madvise is None:
+            return 0
+        advised = 0
+        for start, stop in _mappings_of(self.path):
+            if self._madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), MADV_DONTNEED) == 0:
+                advised += stop - start
+        return advised
+
+
+def _libc_madvise():
+    if not os.path.exists("/proc/self/maps"):
+        return None
+    try:
+        madvise = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def _mappings_of(path: str) -> list[tuple[int, int]]:
+    """(start, stop) of this process's read-only shared mappings of ``path``."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == path and fields[1].startswith("r-"):
+                    start, stop = (int(v, 16) for v in fields[0].split("-"))
+                    out.append((start, stop))
+    except OSError:
+        return []
+    return out
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+def train_coarse(choice: IndexChoice, dim: int, source: VectorSource, seed: int, niter: int) -> faiss.Index:
+    """The trained coarse index of ``choice`` (everything but ``Flat``), from seeded samples of ``source``."""
+    key = choice.key.removesuffix(STORE_RERANK).removesuffix(",RFlat")
+    coarse = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    if not choice.nlist:                    # SQ8: per-dimension ranges, from the sample
+        coarse.train(sample(source, SQ8_TRAIN_POINTS, seed))
+        return faiss.IndexIDMap2(coarse)
+    ivf = faiss.extract_index_ivf(coarse)
+    ivf.cp.seed, ivf.cp.niter = seed, niter
+    n_train = TRAIN_POINTS_PER_LIST * choice.nlist
+    if not choice.key.endswith(STORE_RERANK):
+        coarse.train(sample(source, n_train, seed))   # in-RAM kinds: one float32 sample (as always)
+        return coarse
+    # Past RAM: the PCA on a float32 sample of its own, then lists and sub-quantizers on projected vectors, drawn in
+    # chunks so the float32 sample never needs to be whole (at 5M: 327,680 x 2 KiB would be 640 MiB).
+    # "PCAR128" is one PCAMatrix (its random rotation included): the chain's only transform.
+    faiss.downcast_VectorTransform(coarse.chain.at(0)).train(sample(source, PCA_TRAIN_POINTS, seed))
+    projected = np.concatenate([_apply(coarse, x) for x in source.sample_chunks(n_train, seed + 1)])
+    coarse.index.train(projected)
+    coarse.is_trained = True
+    return coarse
+
+
+def _apply(pretransform: faiss.IndexPreTransform, x: np.ndarray) -> np.ndarray:
+    for i in range(pretransform.chain.size()):
+        x = faiss.downcast_VectorTransform(pretransform.chain.at(i)).apply(x)
+    return x
+
+
+# -- re-ranking --------------------------------------------------------------------------------------------------
+def rerank(fetched: tuple[np.ndarray, np.ndarray], queries: np.ndarray, candidates: np.ndarray,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine of each query with its candidates (-1, or not found in the source: none), best ``k`` first.
+
+    ``fetched`` is ``source.fetch`` of ``candidates[candidates >= 0]`` (row order)."""
+    vectors, found = fetched
+    valid = candidates >= 0
+    ok = valid.copy()
+    ok[valid] = found
+    sims = np.full(candidates.shape, -np.inf, np.float32)
+    if ok.any():
+        rows = np.nonzero(ok)[0]
+        sims[ok] = np.einsum("ij,ij->i", vectors[found], queries[rows])
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(np.where(ok, candidates, -1), order, axis=1)
+    return np.take_along_axis(sims, order, axis=1), ids
