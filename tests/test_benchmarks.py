@@ -34,9 +34,11 @@ KEYS: dict[str, set[str]] = {
     "bench_serve": {"people_page_p50_ms", "people_page_first_ms", "api_people_p50_ms", "person_page_p50_ms",
                     "edit_name_p50_ms", "search_p50_ms"},
     "bench_soak": {"events", "faces", "failures", "rss_start_mb", "rss_end_mb", "oracle_ok"},
+    "bench_scale": {"ray_vs_single_ratio", "indexes", "memory_budget_mb", "targets_met"},
 }
 # The scripts that read LFW (all but bench_serve, whose index is synthetic and whose search photo is a sample).
-NEEDS_LFW = {"bench_models", "bench_ingest", "bench_query", "bench_cluster", "bench_watch", "bench_cli", "bench_soak"}
+NEEDS_LFW = {"bench_models", "bench_ingest", "bench_query", "bench_cluster", "bench_watch", "bench_cli", "bench_soak",
+             "bench_scale"}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:
@@ -72,7 +74,7 @@ def smoke_run(name: str, env: dict[str, str] | None = None, labelled: bool = Tru
 
 @pytest.mark.lfw
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(NEEDS_LFW - {"bench_models", "bench_cluster"}))
+@pytest.mark.parametrize("name", sorted(NEEDS_LFW - {"bench_models", "bench_cluster", "bench_scale"}))
 def test_smoke_run(name: str, shared_data: Path) -> None:
     smoke_run(name, {"FACEINDEX_DATA": str(shared_data)})
 
@@ -91,6 +93,18 @@ def test_smoke_bench_cluster(shared_data: Path) -> None:
     result = smoke_run("bench_cluster", {"FACEINDEX_DATA": str(shared_data)})
     # The README quotes the default method's pairwise and BCubed F1.
     assert {"pairwise_f1", "bcubed_f1"} <= set(result["methods"][result["default_method"]])
+
+
+@pytest.mark.lfw
+@pytest.mark.slow
+def test_smoke_bench_scale(shared_data: Path) -> None:
+    result = smoke_run("bench_scale", {"FACEINDEX_DATA": str(shared_data)})
+    # The README's "Indexes past RAM" table quotes these for each size; the smoke size takes the compressed path.
+    (row,) = result["indexes"]
+    assert {"n", "index", "bytes_per_vector", "build_s", "peak_rss_mb", "recall_at_10", "p50_ms"} <= set(row)
+    assert row["index"].endswith(",RLMDB") and 0 <= row["recall_at_10"] <= 1
+    # A figure or the reason it is missing, never neither.
+    assert result["ray_vs_single_ratio"] is not None or result["ray_reason"]
 
 
 @pytest.mark.slow
