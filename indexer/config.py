@@ -66,6 +66,7 @@ class ClusterSettings:
     k: int = 0                       # kmeans only; 0 means auto (silhouette over a range)
     threshold: float = 0.55          # cosine similarity for the linkage / graph methods
     pair_margin: float = 0.03        # adaptive: a merge of a- and b-face clusters needs threshold + margin/sqrt(ab)
+    center_merge: float = 0.0        # adaptive: then clusters whose centers' cosine >= this join (0 = off)
     min_cluster_size: int = 2        # hdbscan
     assign_min_similarity: float = 0.45  # live assignment: below this a face stays unassigned (-1)
     recluster_growth: float = 0.25   # daemon reclusters when the index grew by this fraction...
@@ -136,6 +137,7 @@ def validate(s: Settings) -> Settings:
         (-1.0 <= s.cluster.threshold <= 1.0, "cluster.threshold must be a cosine in [-1, 1]"),
         (s.cluster.k >= 0, "cluster.k must be >= 0 (0 = auto)"),
         (s.cluster.pair_margin >= 0, "cluster.pair_margin must be >= 0"),
+        (0 <= s.cluster.center_merge <= 1, "cluster.center_merge must be a cosine in [0, 1] (0 = off)"),
         (s.watch.settle_s >= 0, "watch.settle_s must be >= 0"),
         (0 < s.index.target_recall <= 1, "index.target_recall must be in (0, 1]"),
         (s.index.memory_budget_mb >= 0, "index.memory_budget_mb must be >= 0 (0 = a quarter of RAM)"),

@@ -42,6 +42,7 @@ METHODS = CLUSTER_METHODS
 # Tuned on LFW View 1 (dev-train, LFW's tuning set); the sweeps are in benchmarks/results/bench_cluster.txt.
 DEFAULT_THRESHOLD = {"adaptive": 0.55, "agglomerative": 0.55, "threshold": 0.70}
 DEFAULT_PAIR_MARGIN = 0.03
+DEFAULT_CENTER_MERGE = 0.0  # adaptive's second pass (merge_close_centers): 0 = off
 # A component of m faces needs an m x m float64 condensed distance matrix for exact linkage: 15k faces ~ 0.9 GB.
 EXACT_LINKAGE_MAX = 15_000
 # HDBSCAN here runs on a full N x N distance matrix (8 bytes per pair): 15k faces ~ 1.8 GB.
@@ -248,12 +249,14 @@ def cluster_identities(
     seed: int = 1234,
     k: int | None = None,
     pair_margin: float | None = None,
+    center_merge: float | None = None,
 ) -> np.ndarray:
     """Cluster labels (int64 [N], -1 = noise/unassigned) of unit embeddings ``x`` by ``method``.
 
     ``threshold`` is a cosine similarity (adaptive, agglomerative, threshold; None = the method's tuned default),
     ``pair_margin`` the adaptive method's extra cosine for merges judged on few pairs, ``k`` is required for
-    kmeans, and ``min_cluster_size`` turns smaller clusters into noise (all methods but kmeans).
+    kmeans, ``center_merge`` the adaptive method's second pass (``merge_close_centers``; 0 = none), and
+    ``min_cluster_size`` turns smaller clusters into noise (all methods but kmeans).
     """
     x = as_unit_matrix(x)
     n = x.shape[0]
@@ -280,10 +283,39 @@ def cluster_identities(
     elif method == "agglomerative":
         labels = average_linkage_forest(x, threshold).cut(threshold)
     elif method == "adaptive":
-        labels = average_linkage_forest(x, threshold).cut(threshold, margin)
+        merge = DEFAULT_CENTER_MERGE if center_merge is None else center_merge
+        return adaptive_labels(x, average_linkage_forest(x, threshold), threshold, margin, min_cluster_size, merge)
     else:
         labels = hdbscan_labels(x, min_cluster_size)
     return renumber(labels, min_cluster_size)
+
+
+def adaptive_labels(x: np.ndarray, forest: LinkageForest, threshold: float, pair_margin: float,
+                    min_cluster_size: int = 2, center_merge: float = 0.0) -> np.ndarray:
+    """The adaptive method's labels from an average-linkage forest of ``x`` built at a floor <= ``threshold`` (the
+    benchmark cuts one forest at many thresholds; ``cluster_identities`` builds it at the threshold), then, when
+    ``center_merge`` > 0, its second pass."""
+    labels = renumber(forest.cut(threshold, pair_margin), min_cluster_size)
+    if center_merge > 0:
+        labels = renumber(merge_close_centers(x, labels, center_merge), min_cluster_size)
+    return labels
+
+
+def merge_close_centers(x: np.ndarray, labels: np.ndarray, min_similarity: float) -> np.ndarray:
+    """Second pass over clusters (a recall fix): clusters whose centers have cosine >= ``min_similarity`` join
+    (connected components of that center graph); noise (-1) stays noise.
+
+    Average linkage judges a merge by the mean cosine over all cross pairs, which stays low between two halves of
+    one person photographed in two ways (young and old, glasses), however tight each half is. Their centers, means
+    of many photos, are close nonetheless: the center cosine divides out each half's spread."""
+    centers, ids = centers_from_labels(x, labels)
+    if len(ids) < 2:
+        return labels
+    _, comp = connected_components(similarity_graph(centers, min_similarity), directed=False)
+    out = labels.copy()
+    clustered = labels >= 0
+    out[clustered] = comp[np.searchsorted(ids, labels[clustered])]
+    return out
 
 
 def centers_from_labels(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
