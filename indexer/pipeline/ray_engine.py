@@ -15,6 +15,7 @@ Ray is imported only here, and this module only by ``--engine ray``: a plain ``f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -63,37 +64,42 @@ class ShardWorker:
     """A Ray actor: the files of one shard at a time through read -> faces, written as a shard file. Built from
     plain arguments (settings, the index's weights, the run folder); its models load inside it on first use."""
 
-    def __init__(self, settings: Settings, prefer: str | None, folder: str) -> None:
+    def __init__(self, settings: Settings, prefer: str | None, folder: str, readers: int) -> None:
         self.settings = settings
         self.folder = Path(folder)
         self.faces = FaceStage(settings, ModelsFromSettings(settings, prefer))
-        self.timer = StageTimer()
-        self.read_ahead = ReadAhead(ShardReader(settings), settings.ingest.decode_workers,
-                                    timeout_s=settings.ingest.read_timeout_s)
+        self.read_ahead = ReadAhead(ShardReader(settings), readers, timeout_s=settings.ingest.read_timeout_s)
 
     def __call__(self, batch: Any) -> Any:
-        """A pyarrow table of shards (name, paths as bytes) -> one row per shard written (name, files, faces)."""
+        """A pyarrow table of shards (name, paths as bytes) -> one row per shard written: its name, files, faces
+        and the seconds of each stage (JSON), which the driver adds to the run's."""
         import pyarrow as pa
 
-        out: dict[str, list] = {"shard": [], "files": [], "faces": []}
+        out: dict[str, list] = {"shard": [], "files": [], "faces": [], "stages": []}
         for name, raw in zip(batch.column("shard").to_pylist(), batch.column("paths").to_pylist(), strict=True):
-            items = self.process([os.fsdecode(p) for p in raw])
+            timer = StageTimer()
+            items = self.process([os.fsdecode(p) for p in raw], timer)
+            started = time.perf_counter()
             shards.write_shard(self.folder / name, items, self.faces.embedder.fingerprint)
+            timer.add("write_shard", started)
             out["shard"].append(name)
             out["files"].append(len(items))
             out["faces"].append(sum(len(fi.faces) for fi in items))
+            out["stages"].append(json.dumps(timer.summary()))
         return pa.table(out)
 
-    def process(self, paths: list[str]) -> list[FaceItem]:
+    def process(self, paths: list[str], timer: StageTimer) -> list[FaceItem]:
         """The batches a local ingest would make of these paths, each read ahead while the previous one is in the
         models; a file the read-ahead gave up on is recorded as failed, as locally."""
         size = self.settings.detector.batch_size or self.faces.detector.batch_size
         batches = [paths[i:i + size] for i in range(0, len(paths), size)]
         out: list[FaceItem] = []
         for n, batch in enumerate(batches):
+            started = time.perf_counter()
             items = self.read_ahead.take(batch)
+            timer.add("read_wait", started)
             self.read_ahead.ahead(batches[n + 1] if n + 1 < len(batches) else [])
-            out += faces_or_failures(self.faces, dedupe_batch(items), self.timer)
+            out += faces_or_failures(self.faces, dedupe_batch(items), timer)
         return out
 
 
@@ -139,13 +145,19 @@ class RayIngest:
         run.summary.files += unchanged
         run.summary.unchanged += unchanged
         if todo and not self.pipeline.stop.is_set():
+            timer, connecting = StageTimer(), time.perf_counter()
             with ray_session(self.address) as ray:
-                self._backfill(ray, todo, merger, run, progress)
+                timer.add("ray_start", connecting)
+                self._backfill(ray, todo, merger, run, timer, progress)
+            run.summary.stages = timer.summary()
         run.summary.interrupted = self.pipeline.stop.is_set()
         run.summary.seconds = time.perf_counter() - started
         return run
 
-    def _backfill(self, ray: Any, todo: list[str], merger: ShardMerger, run: RayRun, progress: bool) -> None:
+    def _backfill(self, ray: Any, todo: list[str], merger: ShardMerger, run: RayRun, timer: StageTimer,
+                  progress: bool) -> None:
+        """Send ``todo`` to the workers and merge their shards as they come; ``timer``: the workers' stages (their
+        seconds added up over all actors), the driver's wait for them and its merges."""
         run.pool = choose_pool(cluster_resources(ray))
         batch = self.settings.detector.batch_size or CPU_DETECTOR_BATCH  # 0: each worker's detector chooses
         run.shard_size, run.shard_reason = choose_shard_size(len(todo), run.pool.actors, batch,
@@ -160,11 +172,22 @@ class RayIngest:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             ShardWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=run.pool.actors),
             num_cpus=run.pool.cpus, num_gpus=run.pool.gpus or None, memory=run.pool.memory,
-            fn_constructor_kwargs={"settings": self.settings, "prefer": self.prefer, "folder": str(folder)})
+            fn_constructor_kwargs={"settings": self.settings, "prefer": self.prefer, "folder": str(folder),
+                                   "readers": max(self.settings.ingest.decode_workers, int(run.pool.cpus))})
         with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="ingest (ray)") as bar:
             try:
+                waited = time.perf_counter()
                 for row in ds.iter_rows():
+                    timer.add("wait_for_workers", waited)
+                    for stage, seconds in json.loads(row["stages"]).items():
+                        timer.seconds[stage] += seconds
+                    if not (folder / row["shard"]).is_file():
+                        raise EngineError(f"a worker wrote {row['shard']}, but it is not in {folder}: on a cluster, "
+                                          "--staging must be a folder every node sees (shared storage)")
+                    started = time.perf_counter()
                     merger.merge(folder / row["shard"], bar.update)
+                    timer.add("merge", started)
+                    waited = time.perf_counter()
                     bar.set_postfix(faces=run.summary.faces, failed=run.summary.failed, refresh=False)
                     if self.pipeline.stop.is_set():
                         break  # shards written meanwhile stay in the staging folder: the next run merges them

@@ -17,23 +17,26 @@ from dataclasses import dataclass
 
 GIB = 2**30
 
-# Resident memory of one actor with both models loaded and a shard of decoded photos in flight. Measured on the
-# 2-core development machine (CPU, LFW photos, shards of 64): 1.3-1.5 GiB; reserved with a margin for larger photos
-# (a 24-megapixel JPEG decodes to 72 MB, and a detector batch holds 16 of them plus the next batch read ahead).
+# Resident memory of one actor with both models loaded and a shard of decoded photos in flight. Measured once on
+# the 2-core development machine (CPU, 298 LFW photos in shards of 80, the actor's RSS sampled every 0.5 s): peak
+# 1.45 GiB. Reserved with a margin for larger photos: a 24-megapixel JPEG decodes to 72 MB, and a detector batch
+# holds 16 of them plus the next batch read ahead.
 ACTOR_MEMORY = 3 * GIB
-# torch's intra-op threads per CPU actor. Two threads keep one MTCNN batch and one embedder batch busy (measured on
-# the 2-core machine: one actor on 2 cores ran at the single-process rate); more threads per actor scale worse
-# than more actors (each actor's batches are independent), so a big node gets many 2-core actors.
+# torch's intra-op threads per CPU actor. On the 2-core development machine one 2-core actor is the single-process
+# pipeline (MTCNN and the embedder batches use both cores; bench_models). Larger CPUs were not measured: several
+# 2-core actors with independent batches are expected to scale better than one actor with many threads.
 CPU_THREADS_PER_ACTOR = 2
 # On a GPU the models run on the device; the actor's cores read and decode photos ahead of it (ReadAhead threads)
-# and cut crops and thumbnails. 4 cores kept MTCNN and the embedder fed in the estimate of models/device.py
-# (decoding a 250x250 JPEG: ~2 ms; a 12-megapixel one: ~60 ms); more do not help one GPU.
+# and cut crops and thumbnails. An estimate, not measured (no GPU was lent while this was written): decoding is the
+# CPU work that grows with the GPU's speed, and 4 reader threads (the actor reads with as many threads as it has
+# cores) at a few tens of ms per photo keep ~100 photos/s decoded. More cores per GPU are left to the driver and to Ray.
 CPUS_PER_GPU_ACTOR = 4
 # A node with more cores than this keeps one core for the driver (the single writer merging shards) and Ray's own
 # processes; on a small machine (this 2-core one) every core goes to the actors and the driver shares them.
 RESERVE_DRIVER_ABOVE = 2
 # Shards: several per actor so the work spreads evenly and progress is seen; at most this many files each, so a
-# crash or a retry redoes little, and a shard (about 10 kB a face: vector, thumbnail, record) stays a few MB.
+# crash or a retry redoes little, and a shard (a few kB a face: a 2 kB vector, a small JPEG thumbnail, a record)
+# stays a few MB.
 SHARDS_PER_ACTOR = 4
 MAX_SHARD_FILES = 256
 
