@@ -6,6 +6,10 @@ Run: ``python -m benchmarks.bench_models [--json] [--smoke]`` (LFW from $FACEIND
 
 - Verification: 10-fold accuracy with the best threshold of the 9 other folds, on LFW View 1's
   ``pairsDevTrain.txt`` (1100 same + 1100 different pairs), each photo embedded by the face nearest its centre.
+- Rank-1 identification: leave-one-out nearest neighbour among the photos of people with >= 2 photos.
+- Preprocessing (issue 11): crop margin x flip-averaged embeddings, each scored by verification, rank-1 and the
+  default clustering method (benchmarks/preprocess_grid.py; per-setting embeddings cached outside the repository).
+  ``margin`` / ``flip`` in the JSON are the defaults, the figures above them are for the defaults.
 - Embedder: faces/s at batch 1, 16, 64 for plain eager (NCHW), channels_last, and channels_last with bfloat16
   autocast, side by side in this run; ``embed_fps`` reports the fastest for each batch size. Verification uses the
   embedder's chosen precision (printed).
@@ -31,48 +35,20 @@ from benchmarks.lfw_data import (
     SMOKE_NOTE,
     SMOKE_THREADS,
     Recorder,
+    default_preprocessing,
     lfw_embeddings,
     lfw_images,
     lfw_sample,
+    read_pairs,
     require_data,
+    ten_fold_accuracy,
 )
+from benchmarks.preprocess_grid import SMOKE_MARGINS, grid, rank1, table
 
 # The recorded figures: all 2,200 pairs, batch 1/16/64 on 128 faces, MTCNN on 96 photos. --smoke: 10 same + 10
 # different pairs (one of each per fold), batch 1 and 16 on 16 faces (64 alone would cost ~10 s), MTCNN on 8 photos.
 FULL = {"pairs_each": None, "batch_sizes": (1, 16, 64), "faces": 128, "mtcnn_images": 96}
 SMOKE = {"pairs_each": 10, "batch_sizes": (1, 16), "faces": 16, "mtcnn_images": 8}
-
-
-def read_pairs(path: str) -> list[tuple[str, str, bool]]:
-    pairs = []
-    with open(path) as fh:
-        next(fh)
-        for line in fh:
-            parts = line.split()
-            if len(parts) == 3:
-                name, a, b = parts
-                pairs.append((f"{name}/{name}_{int(a):04d}.jpg", f"{name}/{name}_{int(b):04d}.jpg", True))
-            elif len(parts) == 4:
-                n1, a, n2, b = parts
-                pairs.append((f"{n1}/{n1}_{int(a):04d}.jpg", f"{n2}/{n2}_{int(b):04d}.jpg", False))
-    return pairs
-
-
-def ten_fold_accuracy(sims: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
-    """Mean and std of 10-fold accuracy (threshold picked on 9 folds), and the mean threshold."""
-    # LFW's pairs file lists all same pairs, then all different pairs: interleave folds across both halves.
-    idx = np.arange(len(sims))
-    folds = [np.concatenate([idx[same][i::10], idx[~same][i::10]]) for i in range(10)]
-    thresholds = np.unique(sims)
-    accs, chosen = [], []
-    for k in range(10):
-        test = folds[k]
-        train = np.concatenate([folds[j] for j in range(10) if j != k])
-        train_acc = [((sims[train] >= t) == same[train]).mean() for t in thresholds]
-        best = thresholds[int(np.argmax(train_acc))]
-        chosen.append(best)
-        accs.append(((sims[test] >= best) == same[test]).mean())
-    return float(np.mean(accs)), float(np.std(accs)), float(np.mean(chosen))
 
 
 def verification(root, pairs_each: int | None = None) -> dict:
@@ -92,7 +68,25 @@ def verification(root, pairs_each: int | None = None) -> dict:
     acc, std, threshold = ten_fold_accuracy(sims, same)
     return {"lfw_verification_acc": round(acc, 4), "lfw_verification_std": round(std, 4),
             "threshold_cosine": round(threshold, 3), "pairs": len(pairs),
+            "rank1": round(rank1(data["vectors"], data["people"]), 4), "rank1_photos": int(len(data["people"])),
             "photos_without_detected_face": int((~data["found"]).sum())}
+
+
+def preprocessing(root, embedder, pairs_each: int | None = None) -> dict:
+    """The margin x flip grid (benchmarks/preprocess_grid.py) on all of dev-train, or, for --smoke, on the photos
+    of the first ``pairs_each`` same and different pairs (two margins, nothing cached)."""
+    margin, flip = default_preprocessing(embedder)
+    pairs = read_pairs(str(root / "meta" / "lfw" / "pairsDevTrain.txt"))
+    if pairs_each is None:
+        paths, people = lfw_images(root)
+        rel = [os.path.relpath(p, root) for p in paths]
+        rows = grid(root, rel, np.array(people), pairs, embedder)
+    else:
+        pairs = [p for p in pairs if p[2]][:pairs_each] + [p for p in pairs if not p[2]][:pairs_each]
+        rel = sorted({f"lfw-devtrain/{photo}" for p in pairs for photo in p[:2]})
+        people = np.array([Path(p).parent.name for p in rel])
+        rows = grid(root, rel, people, pairs, embedder, tuple(sorted({*SMOKE_MARGINS, margin})), cache=False)
+    return {"margin": margin, "flip": flip, "preprocessing_grid": rows}
 
 
 def embed_speed(embedder, batch_sizes=(1, 16, 64), faces: int = 128) -> dict:
@@ -166,6 +160,7 @@ def main() -> None:
     size = SMOKE if args.smoke else FULL
     result = {"model": embedder.fingerprint, "precision": embedder.precision, "threads": torch.get_num_threads(),
               **({"smoke": True} if args.smoke else {}), **verification(root, size["pairs_each"])}
+    result.update(preprocessing(root, embedder, size["pairs_each"]))
     speeds = embed_speed(embedder, size["batch_sizes"], size["faces"])
     result["embed_fps_by_variant"] = speeds
     result["embed_fps"] = {str(bs): max(v.values()) for bs, v in speeds.items()}
@@ -180,6 +175,13 @@ def main() -> None:
           f"{result['lfw_verification_acc']:.4f} +- {result['lfw_verification_std']:.4f} "
           f"(threshold cosine {result['threshold_cosine']}; target >= 0.98; "
           f"{result['photos_without_detected_face']} photos without a detected face used a central box)")
+    rec.print(f"rank-1 identification (leave-one-out nearest neighbour, people with >= 2 of "
+              f"{result['rank1_photos']} photos): {result['rank1']:.4f}; default preprocessing: margin "
+              f"{result['margin']} px, flip {'on' if result['flip'] else 'off'}")
+    rec.print("crop margin x flip-averaged embeddings (verification 10-fold; rank-1; default clustering method at its "
+              "parameters, and at the best threshold of a sweep):")
+    for line in table(result["preprocessing_grid"]):
+        rec.print(line)
     rec.print("embedder faces/s    eager   channels_last   channels_last + bfloat16")
     for bs, v in speeds.items():
         rec.print(f"  batch {bs:<3}        {v['eager']:>6.1f}   {v['channels_last']:>13.1f}   "

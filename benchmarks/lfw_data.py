@@ -87,12 +87,127 @@ def embed_centre_faces(paths: list[str], detector, embedder, batch: int = 64, pr
     return vectors, found
 
 
-def embedding_cache(embedder) -> Path:
-    """Where ``lfw_embeddings`` keeps the embeddings of all of lfw-devtrain for this model and precision."""
+def read_pairs(path: str) -> list[tuple[str, str, bool]]:
+    pairs = []
+    with open(path) as fh:
+        next(fh)
+        for line in fh:
+            parts = line.split()
+            if len(parts) == 3:
+                name, a, b = parts
+                pairs.append((f"{name}/{name}_{int(a):04d}.jpg", f"{name}/{name}_{int(b):04d}.jpg", True))
+            elif len(parts) == 4:
+                n1, a, n2, b = parts
+                pairs.append((f"{n1}/{n1}_{int(a):04d}.jpg", f"{n2}/{n2}_{int(b):04d}.jpg", False))
+    return pairs
+
+
+def ten_fold_accuracy(sims: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
+    """Mean and std of 10-fold accuracy (threshold picked on 9 folds), and the mean threshold."""
+    # LFW's pairs file lists all same pairs, then all different pairs: interleave folds across both halves.
+    idx = np.arange(len(sims))
+    folds = [np.concatenate([idx[same][i::10], idx[~same][i::10]]) for i in range(10)]
+    thresholds = np.unique(sims)
+    accs, chosen = [], []
+    for k in range(10):
+        test = folds[k]
+        train = np.concatenate([folds[j] for j in range(10) if j != k])
+        train_acc = [((sims[train] >= t) == same[train]).mean() for t in thresholds]
+        best = thresholds[int(np.argmax(train_acc))]
+        chosen.append(best)
+        accs.append(((sims[test] >= best) == same[test]).mean())
+    return float(np.mean(accs)), float(np.std(accs)), float(np.mean(chosen))
+
+
+def default_preprocessing(embedder) -> tuple[int, bool]:
+    """(margin, flip) of the default configuration: what the embeddings of a full run are made with."""
+    from indexer.config import DetectorSettings
+
+    return DetectorSettings().margin, embedder.settings.flip
+
+
+def views_cache(embedder, margin: int) -> Path:
+    """Where ``margin_views`` keeps the plain and mirrored embeddings of lfw-devtrain cropped with ``margin``."""
     from indexer.models.weights import cache_dir
 
-    name = f"lfw-devtrain-{embedder.fingerprint.replace(':', '-')}-{embedder.precision}.npz"
+    name = f"lfw-devtrain-{embedder.fingerprint.replace(':', '-')}-{embedder.precision}-m{margin}-views.npz"
     return cache_dir() / "bench" / name
+
+
+def _save(target: Path, **arrays: np.ndarray) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, target)
+
+
+def _cached(target: Path, rel_paths: list[str] | None) -> dict[str, np.ndarray] | None:
+    """The cached arrays when the file exists (and holds exactly ``rel_paths`` when given)."""
+    if not target.is_file():
+        return None
+    with np.load(target, allow_pickle=False) as data:
+        if rel_paths is not None and data["paths"].tolist() != rel_paths:
+            return None
+        return {k: data[k] for k in data.files}
+
+
+def centre_boxes(root: Path, rel_paths: list[str], cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes float64 [N, 4], found bool [N]): the centre face of each photo, detected once and cached (MTCNN at
+    min_prob 0.5, the default detector otherwise), or ``FALLBACK_BOX`` where MTCNN finds none."""
+    from indexer.config import DetectorSettings
+    from indexer.images import decode
+    from indexer.models.detector import FaceDetector
+    from indexer.models.weights import cache_dir
+
+    target = cache_dir() / "bench" / "lfw-devtrain-boxes.npz"
+    hit = _cached(target, rel_paths) if cache else None
+    if hit is not None:
+        return hit["boxes"], hit["found"]
+    detector = FaceDetector(DetectorSettings(min_prob=0.5))
+    boxes, found = np.zeros((len(rel_paths), 4)), np.zeros(len(rel_paths), bool)
+    for i in range(0, len(rel_paths), 64):
+        images = [decode(str(root / p), 10**9) for p in rel_paths[i:i + 64]]
+        for j, (img, faces) in enumerate(zip(images, detector.detect(images), strict=True)):
+            face = centre_face(faces, *img.orig_size)
+            found[i + j] = face is not None
+            boxes[i + j] = face.box if face is not None else FALLBACK_BOX
+        _progress("detected", i + len(images), len(rel_paths))
+    if cache:
+        _save(target, paths=np.array(rel_paths), boxes=boxes, found=found)
+    return boxes, found
+
+
+def margin_views(root: Path, rel_paths: list[str], boxes: np.ndarray, margin: int, embedder,
+                 cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(plain, mirrored) unit embeddings [N, 512] of the faces cropped with ``margin`` as ingest crops them
+    (``FaceDetector.crop``), each face and its mirror in the same forward passes (``FaceEmbedder.embed_views``, the
+    code ``embedder.flip`` runs); cached per margin and model."""
+    from dataclasses import replace
+
+    from indexer.config import DetectorSettings
+    from indexer.images import decode
+    from indexer.models.detector import DetectedFace, FaceDetector
+
+    target = views_cache(embedder, margin)
+    hit = _cached(target, rel_paths) if cache else None
+    if hit is not None:
+        return hit["plain"], hit["mirrored"]
+    cropper = FaceDetector(replace(DetectorSettings(), margin=margin), device="cpu")
+    plain = np.zeros((len(rel_paths), 512), np.float32)
+    mirrored = np.zeros_like(plain)
+    for i in range(0, len(rel_paths), 64):
+        crops = [cropper.crop(decode(str(root / p), 10**9), DetectedFace(tuple(boxes[i + j]), 1.0, ()))
+                 for j, p in enumerate(rel_paths[i:i + 64])]
+        plain[i:i + len(crops)], mirrored[i:i + len(crops)] = embedder.embed_views(crops)
+        _progress(f"embedded with mirrors (margin {margin})", i + len(crops), len(rel_paths))
+    if cache:
+        _save(target, paths=np.array(rel_paths), plain=plain, mirrored=mirrored)
+    return plain, mirrored
+
+
+def _progress(what: str, done: int, total: int) -> None:
+    if sys.stderr.isatty() or done == total or done % 1280 == 0:
+        print(f"\r  {what} {done}/{total} LFW photos", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 def smoke_photos(root: Path, people: int, per_person: int, others: int) -> list[str]:
@@ -121,54 +236,47 @@ def lfw_sample(root: Path, rel_paths: list[str]) -> dict[str, np.ndarray]:
 
     from indexer.config import DetectorSettings
     from indexer.models.detector import FaceDetector
-    from indexer.models.embedder import FaceEmbedder
+    from indexer.models.embedder import FaceEmbedder, flip_average
 
     torch.set_num_threads(SMOKE_THREADS)
     embedder = FaceEmbedder()
     people = np.array([Path(p).parent.name for p in rel_paths])
-    target = embedding_cache(embedder)
-    if target.is_file():
-        with np.load(target, allow_pickle=False) as data:
-            row = {p: i for i, p in enumerate(data["paths"].tolist())}
-            rows = np.array([row[p] for p in rel_paths], np.int64)
-            return {"paths": np.array(rel_paths), "people": people, "vectors": data["vectors"][rows],
-                    "found": data["found"][rows]}
-    print(f"  smoke: no LFW embedding cache at {target}; embedding {len(rel_paths)} photos now", file=sys.stderr)
+    margin, flip = default_preprocessing(embedder)
+    views = _cached(views_cache(embedder, margin), None)
+    boxes = _cached(views_cache(embedder, margin).parent / "lfw-devtrain-boxes.npz", None)
+    if views is not None and boxes is not None:
+        row = {p: i for i, p in enumerate(views["paths"].tolist())}
+        rows = np.array([row[p] for p in rel_paths], np.int64)
+        vectors = flip_average(views["plain"][rows], views["mirrored"][rows]) if flip else views["plain"][rows]
+        return {"paths": np.array(rel_paths), "people": people, "vectors": vectors, "found": boxes["found"][rows]}
+    print(f"  smoke: no LFW embedding cache for margin {margin}; embedding {len(rel_paths)} photos now",
+          file=sys.stderr)
     detector = FaceDetector(DetectorSettings(min_prob=0.5))
     vectors, found = embed_centre_faces([str(root / p) for p in rel_paths], detector, embedder, progress=False)
     return {"paths": np.array(rel_paths), "people": people, "vectors": vectors, "found": found}
 
 
 def lfw_embeddings(root: Path | None = None) -> dict[str, np.ndarray]:
-    """Embeddings of all of lfw-devtrain with the default models, computed once and cached by model fingerprint
-    and embedder precision.
+    """Embeddings of all of lfw-devtrain with the default models and preprocessing (margin, flip): the centre faces
+    detected once (``centre_boxes``), cropped and embedded with their mirrors (``margin_views``), both cached.
 
     Keys: ``paths``, ``people``, ``vectors`` [N, 512] float32 unit rows, ``found`` (MTCNN found a face).
     """
     import torch
 
-    from indexer.config import DetectorSettings
-    from indexer.models.detector import FaceDetector
-    from indexer.models.embedder import FaceEmbedder
+    from indexer.models.embedder import FaceEmbedder, flip_average
 
     root = root or require_data()
+    root = root.parent if root.name == "lfw-devtrain" else root
     torch.set_num_threads(os.cpu_count() or 1)
     embedder = FaceEmbedder()
-    target = embedding_cache(embedder)
-    if target.is_file():
-        with np.load(target, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
     paths, people = lfw_images(root)
-    detector = FaceDetector(DetectorSettings(min_prob=0.5))
-    vectors, found = embed_centre_faces(paths, detector, embedder)
     rel = [os.path.relpath(p, root) for p in paths]
-    out = {"paths": np.array(rel), "people": np.array(people), "vectors": vectors, "found": found}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, target)
-    return out
-
+    boxes, found = centre_boxes(root, rel)
+    margin, flip = default_preprocessing(embedder)
+    plain, mirrored = margin_views(root, rel, boxes, margin, embedder)
+    vectors = flip_average(plain, mirrored) if flip else plain
+    return {"paths": np.array(rel), "people": np.array(people), "vectors": vectors, "found": found}
 
 
 def index_of_vectors(index: Path, vectors: np.ndarray, people: np.ndarray) -> None:

@@ -21,13 +21,14 @@ RESULTS = REPO / "benchmarks" / "results"
 KEYS: dict[str, set[str]] = {
     "bench_models": {"model", "precision", "lfw_verification_acc", "lfw_verification_std", "threshold_cosine",
                      "embed_fps", "embed_fps_by_variant", "mtcnn_ips_single", "mtcnn_ips_batched",
-                     "facenet_mtcnn_ips_batched"},
+                     "facenet_mtcnn_ips_batched", "rank1", "flip", "margin", "preprocessing_grid"},
     "bench_ingest": {"n_images", "seed_loop_ips", "faceindex_ips", "ratio", "peak_rss_mb", "rss_mb_by_progress",
                      "stage_seconds"},
     "bench_query": {"n", "index", "nprobe", "build_s", "recall_at_10", "p50_ms", "p99_ms", "target_met",
                     "exact_latency", "nprobe_calibration", "figures"},
     "bench_cluster": {"kmeans_speedup_vs_sklearn", "kmeans_speedup_1_thread", "inertia_ratio", "kmeans_setup",
-                      "default_method", "methods", "adaptive_choice"},
+                      "default_method", "methods", "adaptive_choice", "cv_pairwise_f1_mean", "cv_pairwise_f1_min",
+                      "cv_bcubed_f1_mean", "cv_bcubed_f1_min"},
     "bench_watch": {"latency_p50_s", "latency_p95_s", "ingest_ips", "watch_burst_ips", "burst_ratio",
                     "peak_rss_mb"},
     "bench_cli": {"status_s", "people_list_s", "query_face_id_s", "torch_import_s"},
@@ -85,6 +86,12 @@ def test_smoke_bench_models(shared_data: Path) -> None:
     result = smoke_run("bench_models", {"FACEINDEX_DATA": str(shared_data)})
     assert {"1", "16"} <= set(result["embed_fps"])
     assert 0 < result["lfw_verification_acc"] <= 1
+    # The default preprocessing is a row of its grid (issue 11), and it is the configured one.
+    from indexer.config import Settings
+
+    defaults = Settings()
+    assert (result["margin"], result["flip"]) == (defaults.detector.margin, defaults.embedder.flip)
+    assert (result["margin"], result["flip"]) in {(r["margin"], r["flip"]) for r in result["preprocessing_grid"]}
 
 
 @pytest.mark.lfw
@@ -93,6 +100,8 @@ def test_smoke_bench_cluster(shared_data: Path) -> None:
     result = smoke_run("bench_cluster", {"FACEINDEX_DATA": str(shared_data)})
     # The README quotes the default method's pairwise and BCubed F1.
     assert {"pairwise_f1", "bcubed_f1"} <= set(result["methods"][result["default_method"]])
+    assert result["cv_pairwise_f1_min"] <= result["cv_pairwise_f1_mean"] <= 1
+    assert result["cv_bcubed_f1_min"] <= result["cv_bcubed_f1_mean"] <= 1
 
 
 @pytest.mark.lfw
