@@ -159,6 +159,8 @@ def test_ingest_under_a_tiny_budget_answers_as_flat(sample_index: Path, tmp_path
     status = cli_json("status", "--index", str(index), "--config", str(config))
     assert status["index"]["type"] == "SQ8,RLMDB" and status["index"]["vectors"] == 16
     assert "over the budget of 16,384" in status["index"]["reason"] and status["index"]["memory_budget_mb"] == 0.016
+    text = cli("status", "--index", str(index), "--config", str(config)).stdout
+    assert "vectors    SQ8,RLMDB, 16 vectors" in text and "index budget 0.016 MiB" in text
     flat_status = cli_json("status", "--index", str(sample_index))
     assert flat_status["index"]["type"] == "Flat"
     photo = str(SAMPLES / "group" / "kit_with_rose.jpg")

@@ -164,6 +164,8 @@ def _status_text(s: dict) -> str:
         f"faces      {s['faces']}",
         f"model      {s['model']}",
         f"vectors    {s['index']['type']}, {s['index']['reason']}",
+        "memory     index budget " + (f"{s['index']['memory_budget_mb']:,g} MiB" if s["index"].get("memory_budget_mb")
+                                       else "none") + f" ({s['index'].get('memory_budget_reason', '')})",
         f"clusters   {c['method']}, k={c['k']}" + (f", last recluster {c['last_recluster']}" if c.get("k") else ""),
         "daemon     " + (f"running (pid {d['pid']}), backlog {d['backlog']}, last event {d['last_event']}"
                           if d["running"] else "not running"),

@@ -31,7 +31,8 @@ every vector, scanned exhaustively: a quarter of the float32 bytes), above it ``
 scanned with SIMD "fast-scan"). Measured by ``benchmarks/bench_scale.py`` (results/bench_scale.txt) and a one-off
 sweep beside it at 1M synthetic face vectors, 200 queries, one query at a time on one thread: PCAR128 beat plain
 PCA128 (recall@10 0.958 vs 0.923 at nprobe 512, 200 candidates: the rotation spreads PCA's unequal variances over
-the sub-quantizers), PQ32x4fs (16 bytes) topped out at 0.82, and 400 candidates beat 200 by ~0.01 for ~0.2 ms.
+the sub-quantizers) and PQ32x4fs (16 bytes) topped out at 0.82. Reading a candidate from LMDB costs far more than
+scanning codes (a page fault and a lookup each), hence 20 x k candidates and a wider probe rather than more of them.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ BYTES_PER_ID = 64        # int64 id, plus the id -> row map of the exact store (
 
 # -- past the memory budget: codes in RAM, re-ranked with float32 vectors read from LMDB -------------------------
 STORE_RERANK = ",RLMDB"
-# Candidates per wanted result read from LMDB and re-scored: 4-bit codes order candidates coarsely, so 40 x k
-# (400 at k = 10): measured recall@10 0.972 vs 0.963 at 20 x k (nprobe 512, 1M) for ~0.4 ms more a query.
-STORE_REFINE_FACTOR = 40
+# Candidates per wanted result read from LMDB and re-scored: 4-bit codes order candidates coarsely, so 20 x k
+# (200 at k = 10), twice the in-RAM kind's. Each candidate is a page fault and an LMDB read, the largest cost of a
+# query (400 of them took 5.8-21.7 ms on this loaded machine, the codes' scan ~1 ms): 40 x k bought +0.009 recall
+# (0.972 vs 0.963 at nprobe 512, 1M); a wider probe buys the same for less (768: 0.974).
+STORE_REFINE_FACTOR = 20
 PQ_M = 64                # sub-quantizers: 2 of the 128 PCA dimensions each, 4 bits (16 centroids) a sub-quantizer
 # RAM per vector of PCAR128,IVF,PQ64x4fs besides its m/2 bytes of codes: the 8-byte id in the inverted lists and
 # what the lists' growth costs; measured by bench_scale as the RSS growth of the build over n (bench_scale.txt).
@@ -79,11 +82,12 @@ PQ_OVERHEAD_BYTES = 16
 # principal directions, which is all the projection keeps.
 PCA_TRAIN_POINTS = 32_768
 TRAIN_POINTS_PER_LIST = 40
-# nlist -> ((nprobe, recall@10), ...) for PCAR128,IVF<nlist>,PQ64x4fs re-ranked 40x from the store, measured at the
+# nlist -> ((nprobe, recall@10), ...) for PCAR128,IVF<nlist>,PQ64x4fs re-ranked 20x from the store, measured at the
 # size where choose_index picks that nlist (other nlists take the fraction of lists of the nearest row, as above).
+# 1M: 200 stored vectors as queries, each left out of its own results (bench_query's generator; a first sweep on the
+# same data measured 0.958 at 512: k-means on 2 threads is not bit-reproducible); bench_scale.txt re-measures it.
 PQ_NPROBE_RECALL: dict[int, tuple[tuple[int, float], ...]] = {
-    # at 1,000,000 (a second sweep, same data, measured 0.966 at 512: k-means on 2 threads is not bit-reproducible)
-    4096: ((256, 0.912), (384, 0.952), (512, 0.972), (768, 0.983), (1024, 0.990)),
+    4096: ((256, 0.905), (384, 0.943), (512, 0.963), (768, 0.974), (1024, 0.980)),    # at 1,000,000
 }
 # 0 = a quarter of physical memory: the index is derived data beside the models (~1.4 GB resident in the daemon),
 # the LMDB page cache and the user's own programs; a quarter keeps the in-RAM refined index up to ~2.7M faces on

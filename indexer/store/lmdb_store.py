@@ -96,11 +96,12 @@ class FaceStore:
 
     # ------------------------------------------------------------------ transactions
     @contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
+    def read(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """A read transaction; ``buffers``: values are memoryviews into the map, valid inside it (no copy made)."""
         for retry in (False, True):
             with self._guard.reading():  # no remap of the map while this transaction reads it (mapguard.py)
                 try:
-                    txn = self.env.begin(write=False)
+                    txn = self.env.begin(write=False, buffers=buffers)
                 except lmdb.MapResizedError:
                     if retry:
                         raise
