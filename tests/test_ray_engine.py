@@ -116,6 +116,17 @@ def test_unreachable_address_is_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1 and "no Ray cluster answers at 127.0.0.1:9" in proc.stderr
 
 
+def test_missing_ray_or_a_bad_address_is_an_engine_error(monkeypatch):
+    from indexer.errors import EngineError
+    from indexer.pipeline.ray_engine import ray_session
+
+    with pytest.raises(EngineError, match="expected HOST:PORT"), ray_session("nohost"):
+        pass
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    with pytest.raises(EngineError, match=r"needs Ray Data: `pip install 'ray\[data\]'`"), ray_session(None):
+        pass
+
+
 def test_ray_options_need_the_ray_engine(tmp_path):
     proc = cli("ingest", "--shard-size", "8", "--index", str(tmp_path / "ix"), str(REPO / "samples"), check=False)
     assert proc.returncode == 2 and "go with --engine ray" in proc.stderr

@@ -209,11 +209,11 @@ def ray_session(address: str | None) -> Iterator[Any]:
     """Ray, connected: to ``address`` (a running cluster), else a local one started here (and stopped after).
     A session already open in this process (tests) is used as it is and left open."""
     ray = _import_ray()
+    if address and address != "auto" and not address.startswith("ray://"):
+        _probe(address)
     if ray.is_initialized():
         yield ray
         return
-    if address and address != "auto" and not address.startswith("ray://"):
-        _probe(address)
     local = address is None
     try:
         with _quiet_ray_core():
