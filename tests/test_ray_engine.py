@@ -23,10 +23,10 @@ import pytest
 
 from benchmarks.lfw_data import lfw_images
 from indexer.library import FaceIndex, OpenMode
-from indexer.pipeline.merge import SHARD_PREFIX
+from indexer.pipeline.merge import SHARD_KEY, SHARD_PREFIX
 from indexer.pipeline.ray_pool import GIB, ClusterResources, choose_pool, choose_shard_size
 from indexer.pipeline.records import FaceItem, ReadItem, Verdict
-from indexer.pipeline.shards import read_shard, shard_name, write_shard
+from indexer.pipeline.shards import read_shard, shard_name, start_run, write_shard
 from indexer.store.lmdb_store import FaceStore
 from indexer.store.records import NewFace
 from tests.conftest import REPO, cli, settings_for
@@ -102,6 +102,32 @@ def test_shard_round_trip_keeps_names_vectors_and_failures(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- without Ray
+def test_resume_merges_what_earlier_runs_left_once(tmp_path):
+    """No Ray needed: nothing is left to send. An earlier run left a shard (merged now), a shard whose id the
+    store already holds (killed between its commit and its deletion: not merged again), a damaged shard and a
+    worker's temp file (dropped)."""
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    photos.mkdir()
+    files = [photos / "a.jpg", photos / "b.jpg"]
+    for f in files:
+        f.write_text("not a photo")
+    items = [FaceItem(ReadItem(str(f), f.stat().st_size, f.stat().st_mtime_ns, "ab" * 32, error="not an image"))
+             for f in files]
+    with FaceIndex(settings_for(index), OpenMode.WRITE) as fi:
+        folder = start_run(index / "staging", "earlier", fi.dir)
+        fresh, merged = (folder / shard_name(n, [str(f)]) for n, f in enumerate(files))
+        write_shard(fresh, items[:1], "casia-webface:0")
+        write_shard(merged, items[1:], "casia-webface:0")
+        fi.store.transact(lambda txn: fi.store.put_meta(txn, SHARD_KEY.format(run="earlier", name=merged.name), {}))
+        (folder / "shard-000002-0000000000000000.parquet").write_bytes(b"PAR1 damaged")
+        (folder / ".shard-000003-0000000000000000.parquet.x1.tmp").write_bytes(b"half written")
+        run = fi.ingest_ray([], progress=False)
+    assert (run.resumed_shards, run.summary.failed, run.shards) == (3, 1, 0)
+    assert {rel: (status, reason) for rel, (status, reason, _) in faces_of(index, photos).items()} == \
+        {"a.jpg": ("failed", "not an image")}
+    assert not any((index / "staging").iterdir()) and _shard_keys(index) == 0
+
+
 def test_plain_ingest_imports_neither_ray_nor_pyarrow():
     code = ("import sys; import indexer.cli, indexer.library, indexer.pipeline.runner; "
             "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow'))[:3] or 0)")

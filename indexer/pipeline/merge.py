@@ -47,7 +47,13 @@ class ShardMerger:
     def merge(self, path: Path, on_files: Callable[[int], None] | None = None) -> None:
         """Merge one shard file (unless its id is in the store) and delete it."""
         run = path.parent.name
-        shard = shards.read_shard(path)
+        try:
+            shard = shards.read_shard(path)
+        except (OSError, ValueError, KeyError) as exc:  # pyarrow's errors derive from these
+            log.warning("shard %s cannot be read (%s); deleted: its files are sent again by the next scan",
+                        path, exc)
+            path.unlink(missing_ok=True)
+            return
         key = SHARD_KEY.format(run=run, name=shard.name)
         items = [fi for fi in shard.items if _still_as_read(fi)]
         dropped = len(shard.items) - len(items)
