@@ -69,9 +69,8 @@ BYTES_PER_ID = 64        # int64 id, plus the id -> row map of the exact store (
 # -- past the memory budget: codes in RAM, re-ranked with float32 vectors read from LMDB -------------------------
 STORE_RERANK = ",RLMDB"
 # Candidates per wanted result read from LMDB and re-scored: 4-bit codes order candidates coarsely, so 20 x k
-# (200 at k = 10), twice the in-RAM kind's. Each candidate is a page fault and an LMDB read, the largest cost of a
-# query (400 of them took 5.8-21.7 ms on this loaded machine, the codes' scan ~1 ms): 40 x k bought +0.009 recall
-# (0.972 vs 0.963 at nprobe 512, 1M); a wider probe buys the same for less (768: 0.974).
+# (200 at k = 10), twice the in-RAM kind's. Each candidate is an LMDB read and, past RAM, a page fault: 40 x k
+# bought +0.009 recall (0.972 vs 0.963 at nprobe 512, 1M) for twice the reads; a wider probe buys it for less.
 STORE_REFINE_FACTOR = 20
 PQ_M = 64                # sub-quantizers: 2 of the 128 PCA dimensions each, 4 bits (16 centroids) a sub-quantizer
 # RAM per vector of PCAR128,IVF,PQ64x4fs besides its m/2 bytes of codes: the 8-byte id in the inverted lists and

@@ -22,7 +22,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import weakref
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -121,7 +120,6 @@ class StoreVectors:
     def __init__(self, store: FaceStore, txn: lmdb.Transaction | None = None, dim: int = 512) -> None:
         self.store, self.txn, self.dim = store, txn, dim
         self._trim = MapTrimmer(store)
-        self._file = MappedFile(self._trim.path)
 
     def __len__(self) -> int:
         return self._read(lambda txn: txn.stat(self.store.db["vectors"])["entries"])
@@ -168,50 +166,17 @@ class StoreVectors:
             yield out[:m]
 
     def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates are read with pread(2) at their place in the file, found through a zero-copy view of the map:
-        touching the map instead costs a page fault per candidate, each mapping 16 pages (fault-around), and those
-        faults were most of a query's time (5.8-21.7 ms for 400 candidates on this loaded machine)."""
         found = np.zeros(len(ids), bool)
         out = np.zeros((len(ids), self.dim), np.float32)
-        with self.store.read(buffers=True) as txn:
-            db, base = self.store.db["vectors"], self._file.map_base()
+        with self.store.read(buffers=True) as txn:   # views into the map: one copy, into ``out``
+            db = self.store.db["vectors"]
             for j, i in enumerate(ids.tolist()):
                 view = txn.get(u64(i), db=db)
-                if view is None or len(view) != 4 * self.dim:  # gone since (removed) or damaged: not a result
-                    continue
-                found[j] = True
-                if base is None or not self._file.read_into(out[j], _address(view) - base):
-                    out[j] = np.frombuffer(view, np.float32)   # touches the map: counted for the trimmer
-                    self._trim.read(1)
+                if view is not None and len(view) == 4 * self.dim:  # else gone since (removed) or damaged
+                    found[j] = True
+                    out[j] = np.frombuffer(view, np.float32)
+                self._trim.read(1)
         return out[found], found
-
-
-def _address(view: memoryview) -> int:
-    """Where a zero-copy LMDB value lies in memory, without reading it."""
-    return np.frombuffer(view, np.uint8).ctypes.data
-
-
-class MappedFile:
-    """The store's data file, read with pread(2) at the offsets its memory map shows (Linux; else ``None``)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def map_base(self) -> int | None:
-        """Start address of the store's map, which maps the file from offset 0 (looked up each time, ~0.1 ms,
-        inside a read transaction: no remap meanwhile); None when it cannot be told apart."""
-        maps = _mappings_of(self.path)
-        return maps[0][0] if len(maps) == 1 else None
-
-    def read_into(self, row: np.ndarray, offset: int) -> bool:
-        try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                weakref.finalize(self, os.close, self._fd)
-            return os.preadv(self._fd, [row], offset) == row.nbytes
-        except (OSError, AttributeError):   # no preadv (not Linux), or the file is gone: read the map instead
-            return False
 
 
 class MapTrimmer:
@@ -227,13 +192,15 @@ class MapTrimmer:
         self.path = os.path.realpath(os.path.join(store.index_dir, STORE_DIR, "data.mdb"))
         self.pending = 0
         self._madvise = _libc_madvise()
-        self.floor = file_resident_bytes()   # libraries' pages and the like: not ours to drop
+        # File-backed RSS right after a trim: libraries' pages and the like, not ours to drop. Unknown until the
+        # first read (in a transaction) trims once: pages another reader left mapped must not raise it.
+        self.floor: int | None = None
 
     def read(self, vectors: int) -> None:
         self.pending += vectors
         if self.pending >= CHECK_EVERY_VECTORS and self._madvise is not None:
             self.pending = 0
-            if file_resident_bytes() - self.floor >= TRIM_EVERY_BYTES:
+            if self.floor is None or file_resident_bytes() - self.floor >= TRIM_EVERY_BYTES:
                 self.trim()
 
     def trim(self) -> int:
@@ -244,7 +211,7 @@ class MapTrimmer:
         for start, stop in _mappings_of(self.path):
             if self._madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), MADV_DONTNEED) == 0:
                 advised += stop - start
-        self.floor = min(self.floor, file_resident_bytes())
+        self.floor = file_resident_bytes()
         return advised
 
 
