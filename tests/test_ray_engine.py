@@ -122,7 +122,8 @@ def test_resume_merges_what_earlier_runs_left_once(tmp_path):
         (folder / "shard-000002-0000000000000000.parquet").write_bytes(b"PAR1 damaged")
         (folder / ".shard-000003-0000000000000000.parquet.x1.tmp").write_bytes(b"half written")
         run = fi.ingest_ray([], progress=False)
-    assert (run.resumed_shards, run.summary.failed, run.shards) == (3, 1, 0)
+    assert (run.resumed_shards, run.resumed.files, run.resumed.failed, run.shards) == (3, 1, 1, 0)
+    assert run.to_dict()["resumed"]["failures"] == [{"path": str(files[0]), "reason": "not an image"}]
     assert {rel: (status, reason) for rel, (status, reason, _) in faces_of(index, photos).items()} == \
         {"a.jpg": ("failed", "not an image")}
     assert not any((index / "staging").iterdir()) and _shard_keys(index) == 0
@@ -272,6 +273,8 @@ def test_kill9_mid_merge_then_rerun_merges_each_shard_once(ray_address, lfw_phot
     with FaceIndex(settings_for(index), OpenMode.WRITE) as fi:
         run = fi.ingest_ray([photos], progress=False)
     assert run.resumed_shards >= 1   # at least the shard whose merge was killed
+    # The scan after the resume counts what was merged before the kill and by the resume as unchanged.
+    assert run.summary.files == KILLED_FILES and run.summary.unchanged == len(before) + run.resumed.files
     after = faces_of(index, photos)
     assert_same_faces(after, {rel: local_reference[rel] for rel in after})
     assert len(after) == KILLED_FILES

@@ -70,7 +70,9 @@ def _ingest_text(s: dict) -> str:
     if s.get("engine") == "ray" and s["pool"]:
         lines.append(f"ray: {s['pool']['reason']}; {s['shards']} shards of {s['shard_size']} files")
     if s.get("resumed_shards"):
-        lines.append(f"resumed: {s['resumed_shards']} shards an interrupted run left in {display(s['staging'])}")
+        r = s["resumed"]
+        lines.append(f"resumed first: {s['resumed_shards']} shards an interrupted run left in "
+                     f"{display(s['staging'])} ({r['files']} files, {r['faces']} faces, {r['failed']} failed)")
     if s["interrupted"]:
         lines.append("interrupted: everything up to the last batch is committed; run again to continue")
     return "\n".join(lines)

@@ -19,11 +19,13 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +117,16 @@ class RayRun:
     shard_size: int = 0
     shard_reason: str = ""
     shards: int = 0            # shards of this run
-    resumed_shards: int = 0    # shards an earlier, interrupted run left, merged first
+    resumed_shards: int = 0    # shards an earlier, interrupted run left, merged first ...
+    resumed: IngestSummary = field(default_factory=IngestSummary)  # ... and what they held (the scan that follows
+    # finds their files unchanged: ``summary`` counts the files of this run's scan only)
 
     def to_dict(self) -> dict[str, Any]:
+        resumed = {k: getattr(self.resumed, k) for k in ("files", "indexed", "no_face", "failed", "faces", "failures")}
         return {**self.summary.to_dict(), "engine": "ray", "run_id": self.run_id, "staging": self.staging,
                 "pool": self.pool.to_dict() if self.pool else None, "shard_size": self.shard_size,
-                "shard_reason": self.shard_reason, "shards": self.shards, "resumed_shards": self.resumed_shards}
+                "shard_reason": self.shard_reason, "shards": self.shards, "resumed_shards": self.resumed_shards,
+                "resumed": resumed}
 
 
 class RayIngest:
@@ -139,8 +145,8 @@ class RayIngest:
     def run(self, candidates: list[str], progress: bool = False) -> RayRun:
         started = time.perf_counter()
         run = RayRun(IngestSummary(), str(self.staging))
+        run.resumed_shards = ShardMerger(self.pipeline, run.resumed, self.fingerprint).resume(self.staging)
         merger = ShardMerger(self.pipeline, run.summary, self.fingerprint)
-        run.resumed_shards = merger.resume(self.staging)
         todo, unchanged = self.pipeline.needs_reading(candidates)
         run.summary.files += unchanged
         run.summary.unchanged += unchanged
@@ -216,7 +222,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
         return
     local = address is None
     try:
-        with _quiet_ray_core():
+        with _quiet_ray_core(), _keep_sigterm_handler():
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                      object_store_memory=LOCAL_OBJECT_STORE if local else None)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
@@ -230,6 +236,20 @@ def ray_session(address: str | None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` makes SIGTERM exit at once (``sys.exit``); the ingest's own handler (finish the shard being
+    merged, save, exit 130) is put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
