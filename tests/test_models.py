@@ -149,11 +149,31 @@ def test_golden_embedding(detector, embedder):
     from indexer.models.verify import bundled_crops
 
     crop = torch.from_numpy(bundled_crops()[1:2])  # verify_kit.png ... sorted: biden, kit, obama, rose
-    vector = embedder.embed(crop)[0]
+    vector = embedder.embed_views(crop)[0][0]  # the face itself, whatever embedder.flip says
     if embedder.weights.name != "casia-webface":
         pytest.skip("golden vector is for the converted casia-webface weights")
     golden = np.load(GOLDEN)
     assert float(vector @ golden) > 0.9999
+
+
+def test_flip_averaging_is_the_mean_of_a_face_and_its_mirror(embedder):
+    """embedder.flip: the vector of a face is the normalised mean of its and its mirror image's, so a face and its
+    mirror get the same vector; without flip they differ."""
+    from dataclasses import replace
+
+    from indexer.models.embedder import FaceEmbedder
+    from indexer.models.verify import bundled_crops
+
+    crops = torch.from_numpy(bundled_crops())
+    mirrored = torch.flip(crops, dims=[3])
+    flip = FaceEmbedder(replace(embedder.settings, flip=True), resolved=embedder.weights)
+    plain = FaceEmbedder(replace(embedder.settings, flip=False), resolved=embedder.weights)
+    assert np.allclose(flip.embed(crops), flip.embed(mirrored), atol=2e-3)
+    assert float(np.min(np.sum(plain.embed(crops) * plain.embed(mirrored), axis=1))) < 0.995
+    views = plain.embed_views(crops)
+    expected = views[0] + views[1]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert np.allclose(flip.embed(crops), expected, atol=1e-5)
 
 
 def test_conversion_matches_opencv_forward_pass():

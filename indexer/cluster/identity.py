@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 METHODS = CLUSTER_METHODS
 # Tuned on LFW View 1 (dev-train, LFW's tuning set); the sweeps are in benchmarks/results/bench_cluster.txt.
-DEFAULT_THRESHOLD = {"adaptive": 0.55, "agglomerative": 0.55, "threshold": 0.70}
-DEFAULT_PAIR_MARGIN = 0.03
+DEFAULT_THRESHOLD = {"adaptive": 0.53, "agglomerative": 0.55, "threshold": 0.70}
+DEFAULT_PAIR_MARGIN = 0.06
 DEFAULT_CENTER_MERGE = 0.0  # adaptive's second pass (merge_close_centers): 0 = off
 # A component of m faces needs an m x m float64 condensed distance matrix for exact linkage: 15k faces ~ 0.9 GB.
 EXACT_LINKAGE_MAX = 15_000

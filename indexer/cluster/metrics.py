@@ -66,8 +66,9 @@ def _pairs(counts: np.ndarray) -> float:
     return float(np.sum(counts * (counts - 1.0) / 2.0))
 
 
-def external_scores(labels_true: np.ndarray, labels_pred: np.ndarray) -> dict:
-    """Pairwise and BCubed precision/recall/F1, NMI and ARI of predicted clusters against true identities.
+def external_scores(labels_true: np.ndarray, labels_pred: np.ndarray, information: bool = True) -> dict:
+    """Pairwise and BCubed precision/recall/F1, NMI and ARI of predicted clusters against true identities
+    (``information`` False: NMI and ARI are left out as NaN, for parameter sweeps).
 
     Everything is computed from the contingency table of (true, predicted) so the cost is O(N), not O(N^2):
     a same-person pair put together is one of C(n_ij, 2) pairs in a cell. When there is no pair to judge
@@ -108,7 +109,8 @@ def external_scores(labels_true: np.ndarray, labels_pred: np.ndarray) -> dict:
     return {
         "pairwise_precision": pw_p, "pairwise_recall": pw_r, "pairwise_f1": f1(pw_p, pw_r),
         "bcubed_precision": b_p, "bcubed_recall": b_r, "bcubed_f1": f1(b_p, b_r),
-        "nmi": float(normalized_mutual_info_score(t, p)), "ari": float(adjusted_rand_score(t, p)),
+        "nmi": float(normalized_mutual_info_score(t, p)) if information else float("nan"),
+        "ari": float(adjusted_rand_score(t, p)) if information else float("nan"),
         # Noise faces count as singleton clusters here, so n_clusters is comparable with n_people.
         "n_clusters": int(pred_sizes.shape[0]), "n_noise": int((pred < 0).sum()), "n_people": int(true_sizes.shape[0]),
     }

@@ -302,11 +302,10 @@ class FaceStore:
         return record.face_ids
 
     def replace_face(self, txn: lmdb.Transaction, face_id: int, face: NewFace) -> None:
-        """The same face embedded again (``ingest --rebuild``): new box, vector and thumbnail under its old id, so
-        what the user said of it stays; its person is kept until the next recluster. Logged as 'u' (sync.py)."""
+        """The same face embedded again (``ingest --rebuild``): new box, vector, thumbnail, same id (and so the user's
+        word and, until the next recluster, its person). Logged as 'u' (sync.py)."""
         rec = self.get_face(face_id, txn)
-        rec.box, rec.prob = [float(v) for v in face.box], float(face.prob)
-        rec.landmarks = [[float(x), float(y)] for x, y in face.landmarks]
+        rec.box, rec.prob, rec.landmarks = [float(v) for v in face.box], float(face.prob), face.landmarks
         txn.put(u64(face_id), pack(rec.to_dict()), db=self.db["faces"])
         txn.put(u64(face_id), np.ascontiguousarray(face.vector, dtype=np.float32).tobytes(), db=self.db["vectors"])
         txn.put(u64(face_id), face.thumbnail, db=self.db["thumbs"])
