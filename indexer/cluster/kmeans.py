@@ -110,12 +110,20 @@ def fit_kmeans(
     niter: int = 25,
     init_centers: np.ndarray | None = None,
     max_points_per_centroid: int = 256,
+    restarts: int = 1,
 ) -> KMeansResult:
     """Spherical K-Means of unit rows ``x`` [N, d] into ``k`` clusters.
 
     Seeds are k-means++ on a sample, unless ``init_centers`` [k, d] warm-starts from a previous clustering (the
     daemon reclusters a grown index), which keeps clusters where they were and converges in fewer iterations.
+    ``restarts`` > 1 (cold starts only): that many seeds (seed, seed + 1, ...), the lowest inertia kept; one
+    k-means++ start can settle in a poor local minimum (8 LFW people: purity 0.85 from seed 1234, 0.94 on
+    average over 30 seeds).
     """
+    if restarts > 1 and init_centers is None:
+        runs = [fit_kmeans(x, k, seed=seed + i, niter=niter, max_points_per_centroid=max_points_per_centroid)
+                for i in range(restarts)]
+        return min(runs, key=lambda r: r.inertia)
     x = as_unit_matrix(x)
     check_k(x.shape[0], k)
     d = x.shape[1]

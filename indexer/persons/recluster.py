@@ -37,6 +37,7 @@ from indexer.store.lmdb_store import FaceStore
 
 log = logging.getLogger("faceindex.cluster")
 ID_MATCH_MIN_SIMILARITY = 0.5  # an old and a new center this close are the same person
+KMEANS_RESTARTS = 5  # cold K-Means starts per recluster, best inertia kept (cluster/kmeans.fit_kmeans)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def compute(ids: np.ndarray, x: np.ndarray, settings: ClusterSettings, method: s
         init = None
         if previous is not None and previous.method == "kmeans" and len(previous.ids) == k:
             init = previous.centers  # warm start: clusters stay where they were, fewer iterations
-        result = fit_kmeans(x, k, seed=settings.seed, init_centers=init)
+        result = fit_kmeans(x, k, seed=settings.seed, init_centers=init, restarts=KMEANS_RESTARTS)
         labels = result.labels
         params = {"k": k, "warm_start": init is not None}
     else:
