@@ -18,6 +18,7 @@ fixed standardisation (x - 127.5) / 128 that both embedders were trained with.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,11 +83,16 @@ class FaceDetector:
             self.settings.batch_size, describe_device(self.device), self.settings.max_side, self.settings.min_face_size)
         log.info("detector on %s, batch %d: %s", self.device, self.batch_size, self.batch_reason)
 
-    def detect(self, images: list[DecodedImage] | list[Image.Image]) -> list[list[DetectedFace]]:
-        """All faces of each image, most probable first; boxes in original-image coordinates."""
+    def detect(self, images: list[DecodedImage] | list[Image.Image],
+               seconds: dict[str, float] | None = None) -> list[list[DetectedFace]]:
+        """All faces of each image, most probable first; boxes in original-image coordinates. ``seconds``, if
+        given, receives the time spent making the detection copies ("resize")."""
         pil = [im.image if isinstance(im, DecodedImage) else im for im in images]
         to_orig = [im.scale if isinstance(im, DecodedImage) else 1.0 for im in images]
+        started = time.perf_counter()
         copies = [detection_copy(img, self.settings.max_side) for img in pil]
+        if seconds is not None:
+            seconds["resize"] = seconds.get("resize", 0.0) + time.perf_counter() - started
         results: list[list[DetectedFace]] = [[] for _ in pil]
         # MTCNN's pyramid starts at the minimum face size: a smaller image has no scale to look at (and facenet-pytorch
         # fails on it), so it has no face.

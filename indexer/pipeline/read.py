@@ -94,6 +94,7 @@ class Reader:
         self.min_side = 2 * settings.detector.max_side
 
     def __call__(self, path: str) -> ReadItem:
+        started = time.perf_counter()
         try:
             st, data = read_regular_file(path, self.max_bytes)
         except FileReadError as exc:
@@ -103,16 +104,19 @@ class Reader:
         # re-reads it once it is stable).
         item = ReadItem(path, size=len(data), mtime_ns=st.st_mtime_ns, sha256=file_sha256(data))
         verdict, source = self.classify(item)
-        item = replace(item, verdict=verdict, source=source)
+        read_s = time.perf_counter() - started
+        item = replace(item, verdict=verdict, source=source, seconds=(("read", read_s),))
         if not verdict.needs_faces:
             return item
         if not data:
             return replace(item, error="empty file (0 bytes)")
+        started = time.perf_counter()
         try:
             image = decode(io.BytesIO(data), self.max_pixels, self.min_side, name=path)
         except ImageError as exc:
             return replace(item, error=str(exc))
-        return replace(item, image=image, orig_size=image.orig_size)
+        return replace(item, image=image, orig_size=image.orig_size,
+                       seconds=(("read", read_s), ("decode", time.perf_counter() - started)))
 
     def classify(self, item: ReadItem) -> tuple[Verdict, str | None]:
         with self.store.read() as txn:

@@ -88,6 +88,7 @@ class ReadItem:
     image: DecodedImage | None = None    # decoded pixels, only when the verdict needs faces
     error: str | None = None             # -> status failed, with this reason
     orig_size: tuple[int, int] = (0, 0)  # (width, height) once decoded
+    seconds: tuple[tuple[str, float], ...] = ()  # (stage, seconds) the reader spent on it: read, decode
 
     @property
     def needs_faces(self) -> bool:

@@ -275,6 +275,9 @@ class Pipeline:
         batch_started = started = time.perf_counter()
         items = self.read_ahead.take(paths)  # fewer than asked for when stopping: the rest is left for next time
         self.timer.add("read_wait", started)
+        for item in items:  # the reader threads' own time (read + hash, decode), spent beside the models
+            for stage, seconds in item.seconds:
+                self.timer.add_seconds(stage, seconds)
         if not items:
             return summary
         self.read_ahead.ahead([] if self.stop.is_set() else (ahead or []))
