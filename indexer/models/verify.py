@@ -40,8 +40,9 @@ def opencv_embeddings(crops: np.ndarray) -> np.ndarray:
 def verify_conversion() -> dict:
     crops = bundled_crops()
     resolved = weights_mod.import_casia()
-    # float32: this compares the conversion itself with OpenCV, not the precision ingest runs at.
-    settings = EmbedderSettings(weights="casia-webface", device="cpu", precision="float32")
+    # float32 and no flip-averaging: this compares the conversion itself with OpenCV (one plain forward pass),
+    # not the precision or the preprocessing ingest runs with.
+    settings = EmbedderSettings(weights="casia-webface", device="cpu", precision="float32", flip=False)
     embedder = FaceEmbedder(settings, resolved=resolved)
     ours = embedder.embed(torch.from_numpy(crops))
     theirs = opencv_embeddings(crops)
