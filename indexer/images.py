@@ -1,16 +1,19 @@
 """Decoding photos into RGB images that the detector can use, whatever the file holds.
 
 EXIF orientation is honoured; RGBA / LA / palette images are composited on white; 16- and 32-bit grayscale is
-scaled to 8 bits; CMYK and YCbCr are converted. Big JPEGs are decoded with PIL's draft mode at a reduced scale that
-still leaves the detector and the crops full quality. Every failure is an :class:`ImageError` whose message is the
+scaled to 8 bits; CMYK and YCbCr are converted. Big JPEGs are decoded with PIL's draft mode (the JPEG decoder
+scales by 1/2, 1/4 or 1/8 as it decodes, at a fraction of the cost) to the smallest scale the detector still
+sees in full; such an image keeps the file's bytes, so that ``full_resolution`` can decode it again in full when a
+face is too small to crop well from the reduced one. Every failure is an :class:`ImageError` whose message is the
 reason recorded in the store.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -31,6 +34,15 @@ class DecodedImage:
     image: Image.Image      # RGB, EXIF orientation applied, maybe reduced by draft mode
     orig_size: tuple[int, int]  # (width, height) of the full-resolution oriented image
     scale: float            # original pixels per decoded pixel (1.0 unless draft mode reduced it)
+    encoded: bytes | None = field(default=None, repr=False)  # the file's bytes, kept when draft mode reduced it
+    max_pixels: int = 0
+
+    def full_resolution(self) -> DecodedImage:
+        """This image decoded at full resolution (itself when it already is). The bytes decoded are the ones the
+        reduced image came from (never the file again: it may have changed since)."""
+        if self.scale <= 1.0 or self.encoded is None:
+            return self
+        return decode(io.BytesIO(self.encoded), self.max_pixels, 0, name=self.path)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -51,13 +63,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(source: str | os.PathLike[str] | BinaryIO, max_pixels: int, min_side_needed: int = 0,
+def decode(source: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int, min_side_needed: int = 0,
            name: str | None = None) -> DecodedImage:
     """Open, check, orient and convert one file.
 
-    ``source`` is a path or an open binary file (the ingest reads each file once, to hash and decode it);
+    ``source`` is a path, bytes, or an open binary file (the ingest reads each file once, to hash and decode it);
     ``min_side_needed`` lets draft mode shrink a big JPEG while its long side stays >= that many pixels.
     """
+    encoded = bytes(source) if isinstance(source, bytes | bytearray | memoryview) else None
+    if encoded is not None:
+        source = io.BytesIO(encoded)
     path = name or (str(source) if isinstance(source, str | os.PathLike) else "<stream>")
     try:
         with Image.open(source) as img:
@@ -94,7 +109,21 @@ def decode(source: str | os.PathLike[str] | BinaryIO, max_pixels: int, min_side_
         raise ImageError(f"corrupt image: {type(exc).__name__}: {_first_line(exc)}") from None
     orig = (height, width) if orientation in _ROTATED else (width, height)
     scale = orig[0] / rgb.size[0] if rgb.size[0] else 1.0
-    return DecodedImage(path=path, image=rgb, orig_size=orig, scale=scale)
+    if scale > 1.0 and encoded is None:  # reduced from a path or a stream: keep what full_resolution needs
+        encoded = _read_all(source)
+    return DecodedImage(path=path, image=rgb, orig_size=orig, scale=scale,
+                        encoded=encoded if scale > 1.0 else None, max_pixels=max_pixels)
+
+
+def _read_all(source: str | os.PathLike[str] | BinaryIO) -> bytes | None:
+    try:
+        if isinstance(source, str | os.PathLike):
+            with open(source, "rb") as f:
+                return f.read()
+        source.seek(0)
+        return source.read()
+    except (OSError, ValueError):
+        return None  # full_resolution then falls back to the reduced image
 
 
 def _first_line(exc: BaseException) -> str:

@@ -229,9 +229,10 @@ class FaceIndex:
         if not Path(path).is_file():
             raise NotFoundError(f"{path} does not exist")
         self._check_model()
-        image = decode(str(path), self.settings.ingest.max_pixels, 2 * self.settings.detector.max_side)
+        image = decode(str(path), self.settings.ingest.max_pixels, self.settings.detector.max_side)
         faces = self.detector.detect([image])[0]
-        vectors = self.embedder.embed([self.detector.crop(image, f) for f in faces])
+        source = self.detector.crop_source(image, faces)
+        vectors = self.embedder.embed([self.detector.crop(source, f) for f in faces])
         return [(f.to_record(), v) for f, v in zip(faces, vectors, strict=True)]
 
     def _stored_query(self, face_id: int) -> list[tuple[dict[str, Any], np.ndarray]]:

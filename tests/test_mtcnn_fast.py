@@ -1,7 +1,8 @@
 """The CPU detector's replacements for facenet-pytorch's hot spots give facenet-pytorch's numbers.
 
-Pooling and cropping are bit-identical; whole detection finds the same faces with equal boxes, probabilities and
-landmarks to float32 rounding (RNet/ONet batches are padded, and a kernel may round the last bit differently).
+Pooling, cropping and the pyramid's resizes are bit-identical; whole detection finds the same faces with equal
+boxes, probabilities and landmarks to float32 rounding (channels-last weights, the fused PNet heads and padded
+RNet/ONet batches round the last bits differently).
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from facenet_pytorch import MTCNN
+from facenet_pytorch.models.utils.detect_face import imresample
 from PIL import Image
 from torch import nn
 
-from indexer.models.mtcnn_fast import CeilMaxPool2d, SummedAreaTables, area_crops, detect_faces, fast_pools
+from indexer.models.mtcnn_fast import (
+    CeilMaxPool2d,
+    FastPNet,
+    SummedAreaTables,
+    area_crops,
+    detect_faces,
+    fast_pools,
+    prepare_nets,
+    pyramid_level,
+)
 from tests.conftest import SAMPLES
 
 
@@ -42,17 +53,41 @@ def test_fast_pools_swaps_only_what_it_can_reproduce():
 @pytest.mark.parametrize("size", [24, 48])
 def test_area_crops_equal_one_interpolate_per_box(size):
     rng = np.random.default_rng(3)
-    photos = torch.as_tensor(rng.integers(0, 256, (3, 120, 90, 3), dtype=np.uint8)).permute(0, 3, 1, 2).float()
+    pixels = rng.integers(0, 256, (3, 120, 90, 3), dtype=np.uint8)
+    photos = torch.as_tensor(pixels).permute(0, 3, 1, 2).float()
     n = 400
     inds = rng.integers(0, 3, n)
     y0, x0 = rng.integers(0, 119, n), rng.integers(0, 89, n)
     # From 1-pixel boxes (upsampled) to boxes larger than the output, clipped at the borders.
     y1 = np.minimum(y0 + rng.integers(1, 110, n), 120)
     x1 = np.minimum(x0 + rng.integers(1, 90, n), 90)
-    got = area_crops(SummedAreaTables(photos), inds, y0, y1, x0, x1, size)
+    got = area_crops(SummedAreaTables(pixels), inds, y0, y1, x0, x1, size)
     for k in range(n):
         one = F.interpolate(photos[inds[k], :, y0[k]:y1[k], x0[k]:x1[k]].unsqueeze(0), size=(size, size), mode="area")
         assert torch.equal(got[k:k + 1], one), k
+
+
+@pytest.mark.parametrize("shape", [(2, 250, 250), (1, 37, 53), (1, 960, 1280)])
+def test_pyramid_levels_equal_facenet_pytorchs_imresample(shape):
+    pixels = np.random.default_rng(5).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    tables = SummedAreaTables(pixels)
+    photos = torch.as_tensor(pixels).permute(0, 3, 1, 2).float()
+    h, w = shape[1:]
+    for scale in (1.3, 0.6, 0.6 * 0.709, 0.1, 12 / min(h, w)):
+        size = (int(h * scale + 1), int(w * scale + 1))
+        assert torch.equal(pyramid_level(tables, size), imresample(photos, size)), scale
+
+
+def test_fast_pnet_gives_pnets_regression_and_face_probability():
+    pnet = MTCNN().pnet.eval()
+    x = torch.randn(2, 3, 61, 47, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want_reg, want_prob = pnet(x)
+        fast, _, _ = prepare_nets(pnet, MTCNN().rnet, MTCNN().onet)
+        assert isinstance(fast, FastPNet)
+        reg, face = fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(reg, want_reg, rtol=0, atol=1e-5)
+    torch.testing.assert_close(face, want_prob[:, 1], rtol=0, atol=1e-6)
 
 
 def _photos(paths, shape=None) -> list[np.ndarray]:
@@ -64,12 +99,12 @@ def _compare(batches: list[np.ndarray]) -> int:
     """Run both detectors on each same-shape batch; assert the same faces; return how many."""
     reference = MTCNN(keep_all=True, select_largest=False).eval()
     fast = MTCNN(keep_all=True, select_largest=False).eval()
-    assert fast_pools(fast) == 6
+    nets = prepare_nets(fast.pnet, fast.rnet, fast.onet)
+    assert sum(isinstance(m, CeilMaxPool2d) for m in fast.modules()) == 6
     faces = 0
     for batch in batches:
         boxes, probs, points = reference.detect(batch, landmarks=True)
-        found = detect_faces(batch, fast.pnet, fast.rnet, fast.onet, fast.min_face_size, fast.thresholds,
-                             fast.factor)
+        found = detect_faces(batch, *nets, fast.min_face_size, fast.thresholds, fast.factor)
         for (got_boxes, got_points), want_boxes, want_probs, want_points in zip(found, boxes, probs, points,
                                                                               strict=True):
             if want_boxes is None:

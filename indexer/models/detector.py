@@ -11,8 +11,9 @@ On CPU, detection runs ``mtcnn_fast.detect_faces``: facenet-pytorch's networks a
 two CPU hot spots (max pooling, the per-box crop loop) replaced by bit-identical batched equivalents; it finds the
 same faces as ``MTCNN.detect`` ~1.5x faster on LFW (see that module). On CUDA it runs ``MTCNN.detect`` unchanged.
 
-``crop`` cuts a face from the decoded image at full resolution, with facenet-pytorch's margin, and applies the
-fixed standardisation (x - 127.5) / 128 that both embedders were trained with.
+``crop`` cuts a face from the decoded image, with facenet-pytorch's margin, and applies the fixed standardisation
+(x - 127.5) / 128 that both embedders were trained with; ``crop_source`` says which decode to cut from (a face
+too small for the draft-reduced image is cut from the full-resolution one).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from facenet_pytorch import MTCNN
 from facenet_pytorch.models.utils.detect_face import extract_face
 from PIL import Image
@@ -31,7 +33,7 @@ from indexer.config import DetectorSettings
 from indexer.images import DecodedImage
 from indexer.models.device import choose_detector_batch, describe_device
 from indexer.models.embedder import pick_device
-from indexer.models.mtcnn_fast import detect_faces, fast_pools
+from indexer.models.mtcnn_fast import detect_faces, prepare_nets
 
 log = logging.getLogger("faceindex.detector")
 
@@ -48,12 +50,31 @@ class DetectedFace:
 
 
 def detection_copy(image: Image.Image, max_side: int) -> tuple[np.ndarray, float]:
-    """The uint8 HxWx3 array MTCNN sees, and the factor from its pixels to ``image``'s pixels."""
+    """The uint8 HxWx3 array MTCNN sees, and the factor from its pixels to ``image``'s pixels.
+
+    Downscaling is PyTorch's antialiased bilinear resize on uint8 (the filter of PIL's ``BILINEAR`` resize, ~8x
+    faster here on a 2000 px photo)."""
     w, h = image.size
-    factor = max(w, h) / max_side if max(w, h) > max_side else 1.0
-    if factor > 1.0:
-        image = image.resize((max(1, round(w / factor)), max(1, round(h / factor))), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8), factor
+    if max(w, h) <= max_side:
+        return np.asarray(image, dtype=np.uint8), 1.0
+    factor = max(w, h) / max_side
+    size = (max(1, round(h / factor)), max(1, round(w / factor)))
+    with torch.inference_mode():
+        pixels = np.array(image, dtype=np.uint8)  # writable, as torch.from_numpy wants
+        chw = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # a channels-last view
+        small = F.interpolate(chw, size, mode="bilinear", antialias=True)
+    return np.ascontiguousarray(small[0].permute(1, 2, 0).numpy()), factor
+
+
+def needs_full_resolution(scale: float, sides: list[float], image_size: int, margin: int) -> bool:
+    """Whether faces found on an image that draft mode reduced ``scale`` times must be cropped from the full-
+    resolution decode: when a face's crop (its box plus the margin, ``image_size`` pixels in the end) would be
+    upsampled from the reduced image although the file holds more pixels. ``sides``: the faces' shorter box sides
+    in original pixels. Measured on 12 MP photos: cropping faces under 80 px from a half-scale decode moved their
+    embeddings to cosine 0.91 (0.76 at worst) of the full-resolution crop's; faces over 320 px, 0.9996."""
+    if scale <= 1.0:
+        return False
+    return any(side / scale < image_size - margin for side in sides)
 
 
 def plan_batches(shapes: list[tuple[int, ...]], batch_size: int) -> list[list[int]]:
@@ -77,8 +98,9 @@ class FaceDetector:
             min_face_size=self.settings.min_face_size, thresholds=list(self.settings.thresholds),
             keep_all=True, select_largest=False, post_process=True, device=self.device,
         ).eval()
-        if self.device.type == "cpu":  # cuDNN pools fast; the CPU kernel is what fast_pools replaces
-            fast_pools(self.mtcnn)
+        self.nets = (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet)
+        if self.device.type == "cpu":  # cuDNN pools fast; the CPU kernels are what mtcnn_fast replaces
+            self.nets = prepare_nets(*self.nets)
         self.batch_size, self.batch_reason = choose_detector_batch(
             self.settings.batch_size, describe_device(self.device), self.settings.max_side, self.settings.min_face_size)
         log.info("detector on %s, batch %d: %s", self.device, self.batch_size, self.batch_reason)
@@ -109,7 +131,7 @@ class FaceDetector:
         """(boxes [n, 4], probs [n], landmarks [n, 5, 2]) per image of a same-shape uint8 batch [B, H, W, 3]."""
         m = self.mtcnn
         if self.device.type == "cpu":
-            found = detect_faces(stacked, m.pnet, m.rnet, m.onet, m.min_face_size, m.thresholds, m.factor)
+            found = detect_faces(stacked, *self.nets, m.min_face_size, m.thresholds, m.factor)
             return [(boxes[:, :4], boxes[:, 4], points) for boxes, points in found]
         boxes, probs, points = m.detect(stacked, landmarks=True)
         return list(zip(boxes, probs, points, strict=True))
@@ -132,6 +154,13 @@ class FaceDetector:
             ))
         faces.sort(key=lambda f: -f.prob)
         return faces
+
+    def crop_source(self, image: DecodedImage, faces: list[DetectedFace]) -> DecodedImage:
+        """The image to cut ``faces`` from: ``image``, or its full-resolution decode when a face needs it."""
+        sides = [min(f.box[2] - f.box[0], f.box[3] - f.box[1]) for f in faces]
+        if needs_full_resolution(image.scale, sides, self.settings.image_size, self.settings.margin):
+            return image.full_resolution()
+        return image
 
     def crop(self, image: DecodedImage | Image.Image, face: DetectedFace) -> torch.Tensor:
         """3x160x160 float tensor, fixed-standardised, cut from the decoded image at its full resolution."""

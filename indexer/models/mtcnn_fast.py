@@ -1,31 +1,37 @@
-"""MTCNN's three stages run on facenet-pytorch's own networks and helpers, with two CPU hot spots replaced.
+"""MTCNN's three stages run on facenet-pytorch's own networks and helpers, with the CPU hot spots replaced.
 
-Profiling ``MTCNN.detect`` on LFW (2 CPU threads) put 38 % of the time in max pooling and 27 % in the loop that
-cuts and resizes every candidate box one by one before RNet and ONet (~60 boxes per photo, each an
-``F.interpolate(mode="area")`` call plus Python overhead). Both are replaced by equivalents that give the same
-numbers, bit for bit:
+Profiles of ``MTCNN.detect`` on CPU found the time in places other than the networks' arithmetic: max pooling
+(38 % on LFW), the loop that cuts and resizes every candidate box one by one before RNet and ONet (27 %), and, on
+camera-size photos, the pyramid's area resizes and the summed-area tables. What replaces them:
 
-- ``CeilMaxPool2d``: ``nn.MaxPool2d(k, s, ceil_mode=True)`` as separable maxima of strided slices. PyTorch runs
-  max pooling on CPU as ``max_pool2d_with_indices``, 3-10x slower at these shapes. ``fast_pools`` swaps it into
-  facenet-pytorch's PNet/RNet/ONet modules in place.
-- ``area_crops``: all boxes of a stage at once from one summed-area table per photo. Area resizing averages
-  integer pixel values over bins ``[floor(i*h/n), ceil((i+1)*h/n))``; integer table sums are exact and are divided
-  as PyTorch divides them (``sum / kh / kw``), so every crop equals the interpolate call it replaces.
+- ``CeilMaxPool2d``: ``nn.MaxPool2d(k, s, ceil_mode=True)`` as separable maxima of strided slices, bit-identical.
+  PyTorch runs max pooling on CPU as ``max_pool2d_with_indices``, 3-10x slower at these shapes. ``fast_pools``
+  swaps it into facenet-pytorch's PNet/RNet/ONet modules in place; ``prepare_nets`` also stores their weights
+  channels-last (oneDNN's convolutions and the element-wise layers run 1.3-2x faster on that layout here).
+- ``area_crops``: all boxes of a stage at once from one summed-area table per photo (OpenCV's ``integral``,
+  exact integer sums, ~50x faster than two ``cumsum`` passes). Area resizing averages integer pixel values over
+  bins ``[floor(i*h/n), ceil((i+1)*h/n))``; the sums are divided as PyTorch divides them (``sum / kh / kw``), so
+  every crop equals the ``F.interpolate(mode="area")`` call it replaces, bit for bit.
+- ``pyramid_level``: PNet's scale pyramid from the same tables, ~3x faster than ``imresample``'s area resize and
+  equal to it bit for bit.
 
-``detect_faces`` is facenet-pytorch's ``detect_face`` orchestration (same pyramid, thresholds, NMS, box
-regression) with the per-box loops replaced by ``area_crops``. It takes the networks as arguments, as
-facenet-pytorch's own function does. One deliberate change: RNet and ONet run on batches padded to a multiple of
-32 boxes. Their batch sizes otherwise vary with every photo, and glibc's heap fragmented on the many sizes until
-resident memory grew ~0.7 MB per photo (786 -> 1469 MB over 1000 LFW photos); padded, it levels off (~930 MB).
-A batch-size-dependent kernel can round the last bit differently, so tests/test_mtcnn_fast.py checks that
-``detect_faces`` finds exactly the faces ``MTCNN.detect`` finds, with boxes, probabilities and landmarks equal to
-float32 rounding. The networks, weights and helper functions are facenet-pytorch's, imported, not copied.
+With the weights channels-last, the networks round differently in the last bits, so ``detect_faces`` finds the
+faces ``MTCNN.detect`` finds with boxes, probabilities and landmarks equal to float32 rounding
+(tests/test_mtcnn_fast.py).
+
+``detect_faces`` is facenet-pytorch's ``detect_face`` orchestration (same pyramid scales, thresholds, NMS, box
+regression) with those pieces swapped in. It takes the networks as arguments, as facenet-pytorch's own function
+does. RNet and ONet run on batches padded to a multiple of 32 boxes: their batch sizes otherwise vary with every
+photo, and glibc's heap fragmented on the many sizes until resident memory grew ~0.7 MB per photo (786 -> 1469 MB
+over 1000 LFW photos); padded, it levels off (~930 MB). The networks, weights and helper functions are
+facenet-pytorch's, imported, not copied.
 """
 
 from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,6 @@ from facenet_pytorch.models.utils.detect_face import (
     bbreg,
     fixed_batch_process,
     generateBoundingBox,
-    imresample,
     pad,
     rerec,
 )
@@ -86,6 +91,37 @@ def fast_pools(module: nn.Module) -> int:
     return swapped
 
 
+class FastPNet(nn.Module):
+    """facenet-pytorch's PNet (its own layers and weights), with its two 1x1 heads as one matrix product on the
+    channels-last features (PyTorch runs 1x1 convolutions with few outputs on its slow, non-oneDNN path) and the
+    face probability as ``sigmoid(l1 - l0)``: the two-way softmax's second output, without computing the first.
+    Returns (box regression [B, 4, h, w], face probability [B, h, w])."""
+
+    def __init__(self, pnet: nn.Module) -> None:
+        super().__init__()
+        self.pnet = pnet
+        heads = (pnet.conv4_1, pnet.conv4_2)
+        self.register_buffer("weight", torch.cat([h.weight.detach() for h in heads]).flatten(1).t().contiguous())
+        self.register_buffer("bias", torch.cat([h.bias.detach() for h in heads]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.pnet
+        x = p.prelu3(p.conv3(p.prelu2(p.conv2(p.pool1(p.prelu1(p.conv1(x)))))))
+        n, c, h, w = x.shape
+        out = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(-1, c), self.weight).view(n, h, w, 6)
+        face = torch.sigmoid(out[..., 1] - out[..., 0])
+        return out[..., 2:].permute(0, 3, 1, 2), face
+
+
+def prepare_nets(pnet: nn.Module, rnet: nn.Module, onet: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """facenet-pytorch's P/R/ONet made fast on CPU: ``fast_pools`` and channels-last weights in place, PNet's heads
+    fused (``FastPNet``). Returns the networks to pass to ``detect_faces``."""
+    for net in (pnet, rnet, onet):
+        fast_pools(net)
+        net.to(memory_format=torch.channels_last)
+    return FastPNet(pnet).eval(), rnet, onet
+
+
 def _bins(start: np.ndarray, length: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Area-resize bin edges [floor(i*len/size), ceil((i+1)*len/size)) per box, offset by the box start."""
     i = np.arange(size, dtype=np.int64)
@@ -95,57 +131,72 @@ def _bins(start: np.ndarray, length: np.ndarray, size: int) -> tuple[torch.Tenso
 
 
 class SummedAreaTables:
-    """One summed-area table per photo of a batch, built on first use and shared by the RNet and ONet stages.
+    """One summed-area table per photo of a batch of uint8 RGB photos [B, H, W, 3], built on first use and shared by
+    the RNet and ONet stages: [H + 1, W + 1, 3], OpenCV's ``integral`` (exact: int32 while 255 * H * W fits, float64
+    beyond, exact to 2**53)."""
 
-    The photos hold integer pixel values (MTCNN casts uint8 to float), so integer tables are exact: int32 while
-    255 * H * W fits, int64 beyond.
-    """
-
-    def __init__(self, images: torch.Tensor) -> None:
+    def __init__(self, images: np.ndarray) -> None:
         self.images = images
-        h, w = images.shape[2:4]
-        self.dtype = torch.int32 if 255 * (h + 1) * (w + 1) < 2**31 else torch.int64
+        h, w = images.shape[1:3]
+        self.shape = (h, w)
+        self.depth = cv2.CV_32S if 255 * (h + 1) * (w + 1) < 2**31 else cv2.CV_64F
         self.tables: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, b: int) -> torch.Tensor:
         if b not in self.tables:
-            img = self.images[b].to(self.dtype)
-            self.tables[b] = F.pad(img.cumsum(1, dtype=self.dtype).cumsum(2, dtype=self.dtype), (1, 0, 1, 0))
+            self.tables[b] = torch.from_numpy(cv2.integral(np.ascontiguousarray(self.images[b]), sdepth=self.depth))
         return self.tables[b]
 
 
+def pyramid_level(tables: SummedAreaTables, size: tuple[int, int]) -> torch.Tensor:
+    """Every photo of the batch area-resized to ``size`` [B, 3, h, w] (float32, channels-last): one level of PNet's
+    pyramid, equal bit for bit to facenet-pytorch's ``imresample`` (``F.interpolate(mode="area")``), from the
+    summed-area tables: rows first, then columns, so each level costs four gathers and two subtractions."""
+    h, w = tables.shape
+    rs, re = (v[0] for v in _bins(np.zeros(1, np.int64), np.array([h]), size[0]))
+    cs, ce = (v[0] for v in _bins(np.zeros(1, np.int64), np.array([w]), size[1]))
+    kh = (re - rs).to(torch.float32)[:, None, None]
+    kw = (ce - cs).to(torch.float32)[None, :, None]
+    levels = []
+    for b in range(len(tables.images)):
+        sat = tables[b]
+        rows = sat.index_select(0, re) - sat.index_select(0, rs)
+        total = rows.index_select(1, ce) - rows.index_select(1, cs)
+        levels.append(total.to(torch.float32).div_(kh).div_(kw))  # the order PyTorch divides in
+    return torch.stack(levels).permute(0, 3, 1, 2)
+
+
 def _corner(sat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Table values at every (row, col) pair of each box: [C, boxes, size, size]."""
-    return sat[:, rows[:, :, None], cols[:, None, :]]
+    """Table values at every (row, col) pair of each box: [boxes, size, size, C]."""
+    return sat[rows[:, :, None], cols[:, None, :]]
 
 
 def area_crops(tables: SummedAreaTables, image_inds: np.ndarray, y0: np.ndarray, y1: np.ndarray,
-               x0: np.ndarray, x1: np.ndarray, size: int) -> torch.Tensor:
-    """``F.interpolate(images[i, :, y0:y1, x0:x1], (size, size), mode="area")`` for every box, stacked.
+               x0: np.ndarray, x1: np.ndarray, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``F.interpolate(images[i, :, y0:y1, x0:x1], (size, size), mode="area")`` for every box, stacked
+    [boxes, C, size, size] (channels-last), in ``dtype``.
 
     Each bin sum comes exactly from four table corners; the division is done as PyTorch does it (``sum / kh / kw``)
     so the result is bit-identical.
     """
-    dtype = tables.images.dtype
-    out = torch.empty(len(y0), tables.images.shape[1], size, size, dtype=dtype)
+    channels = tables.images.shape[3]
+    out = torch.empty(len(y0), size, size, channels, dtype=dtype)
     for b in np.unique(image_inds):
         sel = np.flatnonzero(image_inds == b)
         sat = tables[int(b)]
         rs, re = _bins(y0[sel], y1[sel] - y0[sel], size)
         cs, ce = _bins(x0[sel], x1[sel] - x0[sel], size)
-
-        total = (_corner(sat, re, ce) - _corner(sat, rs, ce) - _corner(sat, re, cs) + _corner(sat, rs, cs))
-        total = total.permute(1, 0, 2, 3)
-        kh = (re - rs).to(dtype)[:, None, :, None]
-        kw = (ce - cs).to(dtype)[:, None, None, :]
+        total = _corner(sat, re, ce) - _corner(sat, rs, ce) - _corner(sat, re, cs) + _corner(sat, rs, cs)
+        kh = (re - rs).to(dtype)[:, :, None, None]
+        kw = (ce - cs).to(dtype)[:, None, :, None]
         out[torch.from_numpy(sel)] = total.to(dtype) / kh / kw  # the order PyTorch divides in
-    return out
+    return out.permute(0, 3, 1, 2)
 
 
 def _stage_input(tables: SummedAreaTables, boxes: torch.Tensor, image_inds: torch.Tensor, size: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardised size x size crops of the boxes that overlap the image; the boxes and indices kept."""
-    h, w = tables.images.shape[2:4]
+    h, w = tables.shape
     y, ey, x, ex = pad(boxes, w, h)
     valid = (ey > y - 1) & (ex > x - 1)  # facenet-pytorch skips empty crops (and then misaligns; we drop them)
     keep = torch.from_numpy(np.flatnonzero(valid))
@@ -158,8 +209,10 @@ def _run_padded(data: torch.Tensor, net: nn.Module, bucket: int = 32) -> tuple[t
     """``net`` on ``data`` padded with zero rows to a multiple of ``bucket`` (few distinct sizes: see above)."""
     n = len(data)
     padded = -(-n // bucket) * bucket
-    if padded > n:
-        data = torch.cat([data, data.new_zeros((padded - n, *data.shape[1:]))])
+    if padded > n:  # padded in place of a torch.cat, which would give back the slow (non-channels-last) layout
+        full = data.new_zeros((padded, *data.shape[1:])).contiguous(memory_format=torch.channels_last)
+        full[:n] = data
+        data = full
     return tuple(out[:n] for out in fixed_batch_process(data, net))
 
 
@@ -168,15 +221,14 @@ def detect_faces(imgs: np.ndarray, pnet: nn.Module, rnet: nn.Module, onet: nn.Mo
                  thresholds: list[float], factor: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """Faces in a batch of same-shape uint8 RGB images [B, H, W, 3]: per image (boxes [n, 5] with the score
     last, landmarks [n, 5, 2]), as facenet-pytorch's ``detect_face`` returns them (CPU)."""
-    dtype = next(pnet.parameters()).dtype
-    images = torch.from_numpy(np.array(imgs, dtype=np.uint8)).permute(0, 3, 1, 2).type(dtype)  # a copy, as theirs
-    batch_size, (h, w) = len(images), images.shape[2:4]
+    imgs = np.ascontiguousarray(imgs, dtype=np.uint8)
+    batch_size, (h, w) = len(imgs), imgs.shape[1:3]
     scales = _pyramid_scales(h, w, minsize, factor)
     if not scales:  # smaller than the minimum face size: nothing to look at
         return [(np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)) for _ in range(batch_size)]
 
-    boxes, image_inds = _pnet_stage(images, pnet, scales, thresholds[0])
-    tables = SummedAreaTables(images)  # shared by the RNet and ONet crops
+    tables = SummedAreaTables(imgs)  # shared by the pyramid and the RNet and ONet crops
+    boxes, image_inds = _pnet_stage(tables, pnet, scales, thresholds[0])
     boxes, image_inds = _rnet_stage(tables, boxes, image_inds, rnet, thresholds[1])
     boxes, image_inds, points = _onet_stage(tables, boxes, image_inds, onet, thresholds[2])
 
@@ -196,15 +248,16 @@ def _pyramid_scales(h: int, w: int, minsize: int, factor: float) -> list[float]:
     return scales
 
 
-def _pnet_stage(images: torch.Tensor, pnet: nn.Module, scales: list[float], threshold: float
+def _pnet_stage(tables: SummedAreaTables, pnet: nn.Module, scales: list[float], threshold: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1: PNet over the scale pyramid, NMS per scale and image, then per image; regressed, squared boxes."""
-    h, w = images.shape[2:4]
+    h, w = tables.shape
     boxes_all, inds_all, picks, offset = [], [], [], 0
     for scale in scales:
-        data = imresample(images, (int(h * scale + 1), int(w * scale + 1)))
+        data = pyramid_level(tables, (int(h * scale + 1), int(w * scale + 1)))
         reg, probs = pnet((data - 127.5) * 0.0078125)
-        boxes_s, inds_s = generateBoundingBox(reg, probs[:, 1], scale, threshold)
+        face = probs if probs.dim() == 3 else probs[:, 1]  # FastPNet gives the face probability alone
+        boxes_s, inds_s = generateBoundingBox(reg, face, scale, threshold)
         boxes_all.append(boxes_s)
         inds_all.append(inds_s)
         picks.append(batched_nms(boxes_s[:, :4], boxes_s[:, 4], inds_s, 0.5) + offset)

@@ -102,13 +102,19 @@ class FaceStage:
         for stage, seconds in spent.items():  # the detection copies' resize, apart from detection itself
             timer.add_seconds(stage, seconds)
         timer.add("detect", started + sum(spent.values()))
-        started = time.perf_counter()
         crops, owners = [], []
         for i, faces in zip(todo, detections, strict=True):
+            if not faces:
+                continue
+            started = time.perf_counter()
+            source = self.detector.crop_source(items[i].image, faces)  # a full decode when faces are small
+            if source is not items[i].image:
+                timer.add("decode_full", started)
+            started = time.perf_counter()
             for face in faces:
-                crops.append(self.detector.crop(items[i].image, face))
+                crops.append(self.detector.crop(source, face))
                 owners.append((i, face))
-        timer.add("crop", started)
+            timer.add("crop", started)
         started = time.perf_counter()
         vectors = self.embedder.embed(crops) if crops else stack_vectors([])
         timer.add("embed", started)

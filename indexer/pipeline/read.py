@@ -8,7 +8,6 @@ becomes its recorded reason; the run goes on.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import queue
@@ -90,8 +89,9 @@ class Reader:
         self.max_bytes = settings.ingest.max_file_mb * 2**20
         self.max_pixels = settings.ingest.max_pixels
         self.store = store
-        # Draft mode may shrink big JPEGs, but never below twice what the detector looks at.
-        self.min_side = 2 * settings.detector.max_side
+        # Draft mode may shrink big JPEGs down to what the detector looks at; small faces are cropped from a second,
+        # full decode of the same bytes (FaceDetector.crop_source).
+        self.min_side = settings.detector.max_side
 
     def __call__(self, path: str) -> ReadItem:
         started = time.perf_counter()
@@ -112,7 +112,7 @@ class Reader:
             return replace(item, error="empty file (0 bytes)")
         started = time.perf_counter()
         try:
-            image = decode(io.BytesIO(data), self.max_pixels, self.min_side, name=path)
+            image = decode(data, self.max_pixels, self.min_side, name=path)
         except ImageError as exc:
             return replace(item, error=str(exc))
         return replace(item, image=image, orig_size=image.orig_size,
