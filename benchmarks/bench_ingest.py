@@ -13,7 +13,8 @@ the ingest: it must stay flat as the number of images grows (the pipeline stream
 
 Then the **camera workload** (``benchmarks/camera_data.py``: 12-megapixel JPEGs made from the repo's licensed photos,
 upscaled, plus group photos with 40-120 px faces): the same two ways side by side, faceindex's stage breakdown
-(read + hash and decode are the reader threads' seconds, spent beside the models; resize, detect, crop, embed,
+(read + hash, decode and resize to the detector's copy are the reader threads' seconds, spent beside the models;
+detect, decode_full (a second, full decode for faces too small for the draft-reduced image), crop, embed,
 thumbnail, commit, index the main thread's), and face recall against full-resolution MTCNN (faces >= 1% of the long
 side). ``--json`` keys ``camera_faceindex_ips``, ``camera_seed_ips``, ``camera_face_recall``,
 ``camera_stage_seconds``. ``--no-camera`` skips it.
@@ -175,7 +176,7 @@ def main() -> None:
         rec.print(f"  face recall vs full-resolution MTCNN (faces >= 1% of the long side): "
                   f"{result['camera_face_recall']:.4f} ({result['camera_found_faces']} of "
                   f"{result['camera_reference_faces']})")
-        rec.print(f"  stage seconds (read, decode: reader threads): {result['camera_stage_seconds']}")
+        rec.print(f"  stage seconds (read, decode, resize: reader threads): {result['camera_stage_seconds']}")
 
     rec.close()
 
