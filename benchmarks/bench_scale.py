@@ -12,11 +12,12 @@ Run: ``python benchmarks/bench_scale.py [--json] [--smoke]`` from any folder (LF
     of this model) are written in chunks into a real LMDB store (``FaceStore``, the ``vectors`` table in its own
     record layout: big-endian u64 face id -> 2,048 raw float32 bytes) under ``--tmp``, minus ``--queries``
     held-out faces (new photos of people in the index) used as queries. Exact ground truth: brute force over the
-    stored vectors, read back in chunks. Then a child process opens the store and builds the running index exactly
-    as ``faceindex`` does (``SyncedIndex`` with ``index.memory_budget_mb = --budget-mb``), sweeps nprobe on half
-    the queries and measures the chosen setting on the other half, one query at a time (k = 10). Its peak resident
-    memory (VmHWM of the process holding the index, Python and faiss included) is what must stay under the
-    budget. The store is deleted at the end.
+    stored vectors, read back in chunks. Then a child process opens the store for writing and builds the running
+    index exactly as the ``faceindex`` writer does (``SyncedIndex`` with ``index.memory_budget_mb = --budget-mb``;
+    past RAM its rebuild also writes the packed float16 re-rank file, store/packed.py, in the same pass: part of
+    ``build_s``), sweeps nprobe x candidates per result on half the queries and measures the chosen setting on the
+    other half, one query at a time (k = 10). Its peak resident memory (VmHWM of the process holding the index,
+    Python and faiss included) is what must stay under the budget. The store is deleted at the end.
 
 ``--smoke``: 60,000 vectors under a 100 MiB budget (the compressed path), 40 queries, 6 photos for the ingest
 ratio; seconds to a minute, checks that the script runs; nothing is written unless ``--out`` is given.
@@ -48,6 +49,9 @@ FULL_PHOTOS, SMOKE_PHOTOS = 200, 6
 WRITE_CHUNK = 65_536             # vectors generated and committed per LMDB transaction (128 MiB of float32)
 # nprobe swept, as fractions of nlist (1/16 .. 1/4): the rows of choose.PQ_NPROBE_RECALL at this nlist.
 SWEEP_FRACTIONS = (1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4)
+# Candidates re-ranked per result, swept at each nprobe: with the packed float16 file a candidate costs one pread
+# (~1 us), so fewer or more than the chosen 20 x k are worth measuring.
+SWEEP_REFINES = (10, 20, 40)
 RECALL_TARGET, LATENCY_TARGET_MS = 0.95, 10.0
 
 
@@ -193,12 +197,13 @@ def proc_status() -> dict[str, float]:
     return out
 
 
-def timed_queries(index, queries: np.ndarray, truth: np.ndarray, nprobe: int | None = None) -> dict:
+def timed_queries(index, queries: np.ndarray, truth: np.ndarray, nprobe: int | None = None,
+                  refine: int | None = None) -> dict:
     """recall@K against ``truth`` and single-query latency (p50, p99 ms), one query at a time as `query` asks."""
     found, times = [], []
     for q in queries:
         t = time.perf_counter()
-        _, ids = index.search(q[None], K, nprobe=nprobe)
+        _, ids = index.search(q[None], K, nprobe=nprobe, refine=refine)
         times.append(time.perf_counter() - t)
         found.append(ids[0])
     recall = float(np.mean([len(set(f[f >= 0]) & set(t)) / K for f, t in zip(found, truth, strict=True)]))
@@ -217,7 +222,9 @@ def child(args: argparse.Namespace) -> None:
     faiss.omp_set_num_threads(args.threads)
     data = np.load(args.child_data)
     queries, truth = data["queries"], data["truth"]
-    store = FaceStore(args.child, readonly=True)
+    # Opened for writing, as the running writer (ingest, watch) opens it: its rebuild writes the packed re-rank file
+    # (store/packed.py) in the same pass over the store; a read-only process would re-rank from LMDB.
+    store = FaceStore(args.child)
     before = proc_status()
     started = time.perf_counter()
     synced = SyncedIndex(store, IndexSettings(memory_budget_mb=args.budget_mb))
@@ -227,8 +234,11 @@ def child(args: argparse.Namespace) -> None:
     sweep = []
     for fraction in SWEEP_FRACTIONS if index.choice.nlist else ():
         nprobe = max(1, round(index.choice.nlist * fraction))
-        sweep.append({"nprobe": nprobe, **timed_queries(index, queries[:half], truth[:half], nprobe)})
+        for refine in SWEEP_REFINES if index.choice.refine else (None,):
+            sweep.append({"nprobe": nprobe, "refine": refine,
+                          **timed_queries(index, queries[:half], truth[:half], nprobe, refine)})
     final = timed_queries(index, queries[half:], truth[half:])
+    rerank = synced.info().get("rerank_file")
     after_queries = proc_status()
     code_bytes = len(faiss.serialize_index(index._coarse if index._coarse is not None else index._exact))
     print(json.dumps({
@@ -239,6 +249,7 @@ def child(args: argparse.Namespace) -> None:
         "build_s": round(build_s, 1), "peak_rss_mb": round(after_queries["VmHWM"], 1),
         "peak_rss_after_build_mb": round(after_build["VmHWM"], 1), "rss_before_build_mb": round(before["VmRSS"], 1),
         "rss_end_mb": {k: round(v, 1) for k, v in after_queries.items()},
+        "rerank_file": rerank, "rerank_file_bytes": Path(rerank["path"]).stat().st_size if rerank else None,
         **{k: round(v, 4) for k, v in final.items()}, "queries": len(queries) - half, "sweep": sweep,
         "sweep_queries": half,
     }))
@@ -262,9 +273,15 @@ def measure_size(n: int, model, args: argparse.Namespace, tmp: Path, say) -> dic
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     row["write_s"] = round(write_s, 1)
     say(f"  {row['index']} (nprobe {row['nprobe']}, {row['refine']}x k re-ranked)\n  reason: {row['reason']}")
+    if row["rerank_file"]:
+        say(f"  re-ranked from the packed float16 file: {row['rerank_file']['vectors']:,} vectors, "
+            f"{row['rerank_file_bytes'] / 2**30:.2f} GiB on disk (written in the build's pass over the store)")
     if row["sweep"]:
-        say(f"  nprobe sweep on {row['sweep_queries']} queries: " + ", ".join(
-            f"{s['nprobe']}: recall {s['recall_at_10']:.3f} p50 {s['p50_ms']:.2f} ms" for s in row["sweep"]))
+        say(f"  nprobe x candidates sweep on {row['sweep_queries']} queries:")
+        for nprobe in dict.fromkeys(s["nprobe"] for s in row["sweep"]):
+            say(f"    nprobe {nprobe}: " + ", ".join(
+                f"{s['refine'] or row['refine']}x k recall {s['recall_at_10']:.3f} p50 {s['p50_ms']:.2f} ms"
+                for s in row["sweep"] if s["nprobe"] == nprobe))
     say(f"  built in {row['build_s']:.0f} s; {row['bytes_per_vector']:.1f} bytes/vector serialised "
         f"(RSS grew {row['rss_growth_per_vector']:.1f} bytes/vector); peak RSS {row['peak_rss_mb']:.0f} MiB "
         f"(before the build {row['rss_before_build_mb']:.0f} MiB; at the end {row['rss_end_mb']})")

@@ -8,7 +8,9 @@ import pytest
 from indexer.errors import ConfigError
 from indexer.store.choose import (
     AUTO_BUDGET_SHARE,
+    PACKED_ID_BYTES,
     PQ_NPROBE_RECALL,
+    PQ_OVERHEAD_BYTES,
     RECALL_MARGIN,
     STORE_REFINE_FACTOR,
     TARGET_RECALL,
@@ -18,6 +20,7 @@ from indexer.store.choose import (
     memory_needed,
     ranked_candidates,
 )
+from indexer.store.sync import uses_packed
 
 GiB, MiB = 2**30, 2**20
 FLAT_BYTES = 4 * 512 + 64        # a float32 vector and its id entry
@@ -29,7 +32,7 @@ FLAT_BYTES = 4 * 512 + 64        # a float32 vector and its id entry
     (100, 100 * FLAT_BYTES - 1, "SQ8,RLMDB", 0, "8-bit codes of every vector"),  # one byte short: codes
     (40_000, 64 * MiB, "SQ8,RLMDB", 0, "over the budget of 67,108,864"),
     (1_000_000, 4 * GiB, "PCA,IVF,SQ8,RFlat", 4096, "re-ranked exactly"),  # today's choice still fits
-    (1_000_000, 1 * GiB, "PCAR,IVF,PQx4fs,RLMDB", 4096, "read from the store"),   # float32 alone needs 2.1 GB
+    (1_000_000, 1 * GiB, "PCAR,IVF,PQx4fs,RLMDB", 4096, "read from a packed file"),  # float32 alone: 2.1 GB
     (2_000_000, 4 * GiB, "PCAR,IVF,PQx4fs,RLMDB", 4096, "over the budget"),      # float32 fits, not with IVF
     (5_000_000, 1 * GiB, "PCAR,IVF,PQx4fs,RLMDB", 8192, "reading 1536 of 8192 lists"),  # its own measured row
     (100_000_000, 8 * GiB, "PCAR,IVF,PQx4fs,RLMDB", 32768, "same fraction of lists"),
@@ -82,3 +85,21 @@ def test_memory_budget(setting_mb: float, ram: int | None, budget: int | None, i
     assert AUTO_BUDGET_SHARE == 4
     got, reason = memory_budget(setting_mb, ram)
     assert got == budget and in_reason in reason
+
+
+def test_codes_past_ram_count_the_packed_files_ids() -> None:
+    # Past the first PCA/k-means sample sizes, each further vector costs its 32 bytes of codes, the lists' overhead
+    # and the packed re-rank file's int64 id held in RAM (its float16 rows stay on disk).
+    key = "PCAR128,IVF8192,PQ64x4fs,RLMDB"
+    per_vector = (memory_needed(key, 4_000_000, 512, 8192) - memory_needed(key, 2_000_000, 512, 8192)) / 2_000_000
+    assert PACKED_ID_BYTES == 8 and per_vector == 32 + PQ_OVERHEAD_BYTES + PACKED_ID_BYTES
+
+
+@pytest.mark.parametrize("n, budget, packed", [
+    (5_000_000, 1 * GiB, True),        # inverted lists past RAM: the packed float16 file
+    (40_000, 64 * MiB, False),         # SQ8 past RAM: the store (small: its pages stay cached; exact similarities)
+    (1_000_000, 4 * GiB, False),       # in RAM
+    (100, None, False),
+])
+def test_which_kinds_rerank_from_the_packed_file(n: int, budget: int | None, packed: bool) -> None:
+    assert uses_packed(choose_index(n, memory_budget_bytes=budget)) is packed

@@ -33,6 +33,9 @@ sweep beside it at 1M synthetic face vectors, 200 queries, one query at a time o
 PCA128 (recall@10 0.958 vs 0.923 at nprobe 512, 200 candidates: the rotation spreads PCA's unequal variances over
 the sub-quantizers) and PQ32x4fs (16 bytes) topped out at 0.82. Reading a candidate from LMDB costs far more than
 scanning codes (a page fault and a lookup each), hence 20 x k candidates and a wider probe rather than more of them.
+The inverted-list kind re-ranks from a packed float16 copy of the vectors (store/packed.py: 1 KiB a face back to
+back, where LMDB spends a 4 KiB page on each; 5M faces are a 5 GiB file that the page cache can keep, not a 19 GiB
+store that it could not: bench_scale's 5M p50 was 14.1 ms reading LMDB).
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ PQ_M = 64                # sub-quantizers: 2 of the 128 PCA dimensions each, 4 b
 # RAM per vector of PCAR128,IVF,PQ64x4fs besides its m/2 bytes of codes: the 8-byte id in the inverted lists and
 # what the lists' growth costs; measured by bench_scale as the RSS growth of the build over n (bench_scale.txt).
 PQ_OVERHEAD_BYTES = 16
+# The packed re-rank file's sorted ids, held in RAM to find a candidate's row (int64; the float16 rows stay on disk,
+# read with pread: page cache, not this process's memory).
+PACKED_ID_BYTES = 8
 # Training, transient: the PCA on PCA_TRAIN_POINTS float32 vectors, then k-means and the sub-quantizers on
 # TRAIN_POINTS_PER_LIST x nlist projected (128-d) vectors. 32,768 points (64 per dimension) pin down the top 128
 # principal directions, which is all the projection keeps.
@@ -163,7 +169,7 @@ def memory_needed(key: str, n: int, dim: int, nlist: int) -> int:
         "Flat": exact,
         "PCA,IVF,SQ8,RFlat": exact + sq8_coarse,
         "SQ8,RLMDB": n * (dim + BYTES_PER_ID),
-        "PCAR,IVF,PQx4fs,RLMDB": n * (pq_m(dim) // 2 + PQ_OVERHEAD_BYTES) + 4 * (nlist * p + p * dim)
+        "PCAR,IVF,PQx4fs,RLMDB": n * (pq_m(dim) // 2 + PQ_OVERHEAD_BYTES + PACKED_ID_BYTES) + 4 * (nlist * p + p * dim)
         + 4 * (min(n, PCA_TRAIN_POINTS) * dim + n_train * p),
     }[index_kind(key)]
 
@@ -189,8 +195,9 @@ def _store_reranked(n: int, dim: int, nlist: int, exact_max_vectors: int, target
         measured = f"measured at nlist {calibrated}" + ("" if calibrated == nlist else ", same fraction of lists")
         out.append(IndexChoice(key, nlist, nprobe, f"{_vectors(n)}: {key.removesuffix(STORE_RERANK)} "
                                f"({memory_needed(key, n, dim, nlist):,} bytes with training) reading {nprobe} of "
-                               f"{nlist} lists, {STORE_REFINE_FACTOR}x k candidates re-ranked with float32 vectors "
-                               f"read from the store (recall@10 {recall:.3f} {measured}; target {target_recall:g}), "
+                               f"{nlist} lists, {STORE_REFINE_FACTOR}x k candidates re-ranked with float16 copies of "
+                               f"the vectors read from a packed file (store/packed.py; the store's float32 where "
+                               f"that lags) (recall@10 {recall:.3f} {measured}; target {target_recall:g}), "
                                f"because {over}", STORE_REFINE_FACTOR))
     return out
 

@@ -8,12 +8,19 @@ warning. Only the writer saves snapshots; readers replay in memory.
 The index's memory budget (``index.memory_budget_mb``, 0 = a quarter of RAM) is resolved here, once; an index
 built under another budget is rebuilt when the current one calls for another kind. A rebuild streams the vectors
 from the store in chunks, and kinds past RAM read their candidates' vectors back from it (store/compressed.py).
+
+The inverted-list kind past RAM re-ranks from the packed file ``<index>/vectors.f16`` instead (store/packed.py):
+written in the rebuild's own pass over the store, rewritten when a snapshot is saved (the file must reflect at least
+the snapshot's sequence number, since the change log below it is then truncated), used only when its ``seq`` lies
+between the snapshot's and the store's; faces changed since its ``seq`` are read from the store. Only a process that
+opened the store for writing writes it; the others read the store while it is missing or stale.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +29,11 @@ import numpy as np
 from indexer import fingerprint as fp
 from indexer.config import IndexSettings
 from indexer.errors import IndexFileError
-from indexer.store.choose import choose_index, memory_budget
+from indexer.fsutil import leftover_temp_files
+from indexer.store.choose import STORE_RERANK, IndexChoice, choose_index, memory_budget
 from indexer.store.compressed import StoreVectors
 from indexer.store.lmdb_store import SNAPSHOT_FILE, FaceStore
+from indexer.store.packed import PACKED_FILE, PackedVectors, PackedWriter, TeeSource, write_all, write_merged
 from indexer.store.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,9 @@ class SyncedIndex:
         self.store = store
         self.settings = settings
         self.path = Path(store.index_dir) / SNAPSHOT_FILE
+        self.packed_path = Path(store.index_dir) / PACKED_FILE
+        self.packed: PackedVectors | None = None
+        self._packed_tried = -1   # the seq of the last full write attempted (a failing disk is not retried per save)
         self.memory_budget_bytes, self.budget_reason = memory_budget(settings.memory_budget_mb, physical_memory())
         self.index, self.seq = self._load_or_rebuild()
         self.saved_seq = self.seq if self.path.is_file() else -1
@@ -55,17 +67,50 @@ class SyncedIndex:
                         meta.get("model"), model)
             return self.rebuild()
         index.memory_budget_bytes = self.memory_budget_bytes  # today's budget decides should_rebuild
-        return index, int(meta.get("seq", 0))
+        seq = int(meta.get("seq", 0))
+        self._attach(index, self._open_packed(index.dim, seq) if uses_packed(index.choice) else None)
+        return index, seq
+
+    def _open_packed(self, dim: int, seq: int) -> PackedVectors | None:
+        """The packed file when it can serve an index at ``seq`` (faces changed after it are marked by catch_up)."""
+        try:
+            packed = PackedVectors.open(self.packed_path, dim, StoreVectors(self.store))
+        except IndexFileError as exc:
+            log.warning("re-rank file unusable (%s); reading the store until it is rewritten", exc)
+            return None
+        if packed is None:
+            return None
+        store_seq = self.store.get_meta("seq", 0)
+        if not seq <= packed.seq <= store_seq or fp.normalised(packed.model) != fp.normalised(
+                self.store.get_meta("model")):
+            log.info("re-rank file %s is stale (seq %d; index %d, store %d); reading the store until it is "
+                     "rewritten", self.packed_path, packed.seq, seq, store_seq)
+            return None
+        return packed
+
+    def _attach(self, index: VectorIndex, packed: PackedVectors | None) -> None:
+        self.packed = packed
+        # Searches read candidates in transactions of their own (not the build's, which has ended).
+        index.attach(packed if packed is not None else StoreVectors(self.store))
 
     def rebuild(self) -> tuple[VectorIndex, int]:
         # One read transaction: the vectors streamed and the sequence number they reflect are one snapshot.
         with self.store.read() as txn:
             seq = self.store.get_meta("seq", 0, txn)
-            index = VectorIndex.build_from(StoreVectors(self.store, txn),
-                                           exact_max_vectors=self.settings.exact_max_vectors,
-                                           target_recall=self.settings.target_recall,
-                                           memory_budget_bytes=self.memory_budget_bytes)
-        index.attach(StoreVectors(self.store))  # searches read candidates in transactions of their own
+            source = StoreVectors(self.store, txn)
+            # The same question build_from asks: a kind re-ranked from the packed file gets it in the same pass.
+            choice = choose_index(len(source), source.dim, exact_max_vectors=self.settings.exact_max_vectors,
+                                  target_recall=self.settings.target_recall,
+                                  memory_budget_bytes=self.memory_budget_bytes)
+            writer = PackedWriter(self.packed_path, source.dim, seq, self.store.get_meta("model", None, txn)) \
+                if uses_packed(choice) and not self.store.readonly else None
+            with writer if writer is not None else nullcontext():
+                index = VectorIndex.build_from(TeeSource(source, writer) if writer is not None else source,
+                                               source.dim, exact_max_vectors=self.settings.exact_max_vectors,
+                                               target_recall=self.settings.target_recall,
+                                               memory_budget_bytes=self.memory_budget_bytes)
+        written = writer is not None and not writer.failed
+        self._attach(index, self._open_packed(index.dim, seq) if written else None)
         self.saved_seq = -1
         return index, seq
 
@@ -78,6 +123,10 @@ class SyncedIndex:
         if now.key == info["type"]:
             info["reason"] = now.reason
         budget = self.memory_budget_bytes
+        if uses_packed(self.index.choice):   # where candidates are re-ranked from: the packed file, or the store
+            info["rerank_file"] = None if self.packed is None else {
+                "path": str(self.packed_path), "vectors": len(self.packed), "seq": self.packed.seq,
+                "changed_since": len(self.packed.changed)}
         return {**info, "memory_budget_mb": None if budget is None else round(budget / 2**20, 3),
                 "memory_budget_reason": self.budget_reason}
 
@@ -98,6 +147,8 @@ class SyncedIndex:
                 first.setdefault(face_id, op)
                 final[face_id] = op
                 last = seq
+            if self.packed is not None:   # their rows there (if any) are older than the store's: read the store
+                self.packed.mark_changed(final)
             fresh, vectors = [], []
             for i, op in final.items():
                 vector = self.store.get_vector(i, txn) if op != "r" else None
@@ -122,6 +173,7 @@ class SyncedIndex:
         every = max(self.settings.snapshot_every, len(self.index) // 10)
         if not force and self.saved_seq >= 0 and self.seq - self.saved_seq < every:
             return False
+        self.save_packed()
         if self.seq == self.saved_seq:
             return False
         try:
@@ -133,6 +185,44 @@ class SyncedIndex:
         self.saved_seq = self.seq
         self.store.transact(lambda txn: self.store.truncate_log(txn, self.seq))
         return True
+
+    def save_packed(self) -> bool:
+        """Bring the packed file up to the index's sequence number (a writer's job, before each snapshot): merged
+        from the old file and the faces changed since, or written whole from the store when there is none. A
+        packed file of a kind that no longer uses one is deleted. Whether a file was written."""
+        if self.store.readonly:
+            return False
+        if not uses_packed(self.index.choice):
+            self.packed = None
+            self.packed_path.unlink(missing_ok=True)
+            return False
+        if self.packed is not None and self.packed.seq >= self.seq:
+            return False
+        # A writer killed while writing the file left its temp file (gigabytes past 1M faces); only a writer gets here.
+        for leftover in leftover_temp_files(self.packed_path):
+            leftover.unlink(missing_ok=True)
+        model = self.store.get_meta("model")
+        if self.packed is not None:
+            seq = self.seq        # unchanged faces had the old rows' vectors up to here; changed ones: the store's
+            written = write_merged(self.packed_path, self.packed, StoreVectors(self.store), seq, model)
+        elif self._packed_tried == self.seq:
+            return False
+        else:
+            self._packed_tried = self.seq
+            with self.store.read() as txn:
+                seq = self.store.get_meta("seq", 0, txn)
+                written = write_all(self.packed_path, StoreVectors(self.store, txn), self.index.dim, seq, model)
+        if written:
+            # Faces changed after ``seq`` are marked again as catch_up replays them (it starts at self.seq <= seq).
+            self._attach(self.index, self._open_packed(self.index.dim, self.seq))
+        return written
+
+
+def uses_packed(choice: IndexChoice) -> bool:
+    """Whether a kind re-ranks from the packed file: the inverted-list kind past RAM. ``SQ8,RLMDB`` (below
+    EXACT_MAX_VECTORS) keeps reading the store: under 50,000 faces its pages stay in the page cache, and its
+    answers keep the exact float32 similarities."""
+    return choice.key.endswith(STORE_RERANK) and choice.nlist > 0
 
 
 def physical_memory() -> int | None:

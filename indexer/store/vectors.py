@@ -9,9 +9,10 @@ Two parts, chosen by ``choose_index`` (see indexer/store/choose.py for why):
   proposes ``k * refine`` candidates which the exact store re-scores (key suffix ``,RFlat``). faiss's own
   ``IndexRefine`` supports neither ``add_with_ids`` nor ``remove_ids``, hence this pairing.
 - past the memory budget the coarse index stands alone in RAM (``SQ8`` or ``PCAR128,IVF<n>,PQ64x4fs``) and its
-  candidates are re-scored with float32 vectors read from the store (key suffix ``,RLMDB``; indexer/store/
-  compressed.py): the index needs its ``source`` (``attach``) to search. A coarse index without either suffix
-  (an older snapshot) answers with its approximate scores.
+  candidates are re-scored with vectors read from disk (key suffix ``,RLMDB``): float32 from the store
+  (indexer/store/compressed.py) or, for the inverted-list kind, float16 copies from the packed file beside the
+  index (indexer/store/packed.py, attached by sync.py): the index needs its ``source`` (``attach``) to search. A
+  coarse index without either suffix (an older snapshot) answers with its approximate scores.
 Both parts remove by id, so ``remove`` works for every kind. Builds read their vectors from a source in chunks
 (``build_from``): from the store, a build never holds all float32 vectors at once unless the kind keeps them.
 
@@ -153,10 +154,12 @@ class VectorIndex:
             # Every part holds the same ids, so they all report the same count.
             return [int(part.remove_ids(selector)) for part in self._parts()][0]
 
-    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None,
+               refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by cosine: (sims float32 [m, k], ids int64 [m, k]); padded with -inf / -1 past the held ones.
 
-        ``nprobe`` overrides the chosen one for this call (IVF kinds only; the benchmark sweeps it).
+        ``nprobe`` and ``refine`` override the chosen ones for this call (IVF and re-ranked kinds only; the
+        benchmark sweeps them).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -171,7 +174,7 @@ class VectorIndex:
                 # Per-call parameters rather than index.nprobe: nothing shared changes, and nprobe (which faiss does
                 # not serialise) always comes from the choice.
                 params = _ivf_params(self._coarse, nprobe or self.choice.nprobe) if self.choice.nlist else None
-                sims, ids = self._coarse.search(queries, k * max(self.choice.refine, 1), params=params)
+                sims, ids = self._coarse.search(queries, k * max(refine or self.choice.refine, 1), params=params)
                 if self._exact is not None:
                     sims, ids = _rerank(self._exact, queries, ids, k)
                 elif self.choice.key.endswith(STORE_RERANK):
