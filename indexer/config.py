@@ -42,6 +42,7 @@ class EmbedderSettings:
 class IngestSettings:
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
     decode_workers: int = 2
+    model_workers: int = 0           # photos the models work on at once; 0: one per core on CPU, 1 on a GPU
     max_pixels: int = 120_000_000    # decompression-bomb cap: larger images are recorded as failed
     max_file_mb: int = 200           # files larger than this are recorded as failed without being read
     queue_size: int = 64             # bounded queues between stages (items)
@@ -130,6 +131,7 @@ def validate(s: Settings) -> Settings:
         (s.embedder.precision in ("auto", "float32", "bfloat16", "float16"),
          "embedder.precision must be auto, float32, bfloat16 or float16"),
         (s.ingest.decode_workers >= 1, "ingest.decode_workers must be >= 1"),
+        (s.ingest.model_workers >= 0, "ingest.model_workers must be >= 0 (0: one per CPU core)"),
         (s.ingest.max_pixels > 0, "ingest.max_pixels must be > 0"),
         (s.ingest.read_timeout_s > 0 and s.ingest.stop_grace_s > 0,
          "ingest.read_timeout_s and ingest.stop_grace_s must be > 0"),

@@ -88,13 +88,15 @@ class FaceIndex:
         from indexer.models.embedder import FaceEmbedder
 
         stored = self.store.get_meta("model")
-        return FaceEmbedder(self.settings.embedder, prefer=stored.split(":")[0] if stored else None)
+        return FaceEmbedder(self.settings.embedder, prefer=stored.split(":")[0] if stored else None,
+                            workers=self.settings.ingest.model_workers)
 
     @cached_property
     def detector(self) -> FaceDetector:
         from indexer.models.detector import FaceDetector
 
-        return FaceDetector(self.settings.detector, device=self.embedder.device)
+        return FaceDetector(self.settings.detector, device=self.embedder.device,
+                            workers=self.settings.ingest.model_workers)
 
     @cached_property
     def vectors(self) -> SyncedIndex:

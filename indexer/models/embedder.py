@@ -22,6 +22,7 @@ from facenet_pytorch import InceptionResnetV1
 from indexer.config import EmbedderSettings
 from indexer.models import weights as weights_mod
 from indexer.models.device import choose_embedder_batch, describe_device
+from indexer.models.parallel import choose_workers, map_workers, split
 
 EMBEDDING_DIM = 512
 log = logging.getLogger("faceindex.embedder")
@@ -62,7 +63,8 @@ class FaceEmbedder:
     """InceptionResnetV1 with given weights. ``fingerprint`` names the weights for the index."""
 
     def __init__(self, settings: EmbedderSettings | None = None, prefer: str | None = None,
-                 resolved: weights_mod.ResolvedWeights | None = None, channels_last: bool = True) -> None:
+                 resolved: weights_mod.ResolvedWeights | None = None, channels_last: bool = True,
+                 workers: int = 0) -> None:
         self.settings = settings or EmbedderSettings()
         self.weights = resolved or weights_mod.resolve(self.settings.weights, prefer=prefer)
         self.device = pick_device(self.settings.device)
@@ -77,10 +79,11 @@ class FaceEmbedder:
         self.precision, self.precision_reason = choose_precision(
             self.settings.precision, self.device.type, native_bf16(self.device))
         self._autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision)
-        self.batch_size, self.batch_reason = choose_embedder_batch(
-            self.settings.batch_size, describe_device(self.device), self.precision)
-        log.info("embedder on %s, %s: %s; batch %d: %s", self.device, self.precision, self.precision_reason,
-                 self.batch_size, self.batch_reason)
+        info = describe_device(self.device)
+        self.batch_size, self.batch_reason = choose_embedder_batch(self.settings.batch_size, info, self.precision)
+        self.workers, self.workers_reason = choose_workers(workers, info)
+        log.info("embedder on %s, %s: %s; batch %d: %s; workers %d: %s", self.device, self.precision,
+                 self.precision_reason, self.batch_size, self.batch_reason, self.workers, self.workers_reason)
 
     @property
     def fingerprint(self) -> str:
@@ -104,22 +107,27 @@ class FaceEmbedder:
             return empty, empty
         # Even chunks (38 faces at batch size 32 -> 19 + 19, not 32 + 6): a small last chunk runs far below speed.
         # With the mirror, a chunk of n faces is a pass of 2n rows: batch_size keeps bounding the rows of a pass.
+        # At least one chunk per worker, when there are faces enough: the workers embed chunks side by side.
         per_pass = max(1, self.batch_size // 2) if mirror else self.batch_size
-        chunks = -(-len(faces) // per_pass)
-        bs = max(1, -(-len(faces) // chunks))
-        plain, mirrored = [], []
+        chunks = max(-(-len(faces) // per_pass), min(self.workers, len(faces)))
+        outs = map_workers(lambda r: self._forward(faces[r.start:r.stop], mirror), split(len(faces), chunks),
+                           self.workers)
+        plain = torch.cat([o[0] for o in outs])
+        mirrored = torch.cat([o[1] for o in outs])
+        return _unit(plain), _unit(mirrored)
+
+    def _forward(self, x: torch.Tensor, mirror: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass (inference mode and autocast are per thread: entered here, in the worker)."""
         autocast = self._autocast_dtype is not None
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=autocast):
-            for i in range(0, len(faces), bs):
-                x = faces[i:i + bs].to(self.device, non_blocking=True)
-                if mirror:
-                    x = torch.cat([x, torch.flip(x, dims=[3])])  # [N, C, H, W]: dim 3 is left-right
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                out = self.model(x).float().cpu()
-                plain.append(out[:len(out) // 2] if mirror else out)
-                mirrored.append(out[len(out) // 2:] if mirror else out[:0])
-        return _unit(torch.cat(plain)), _unit(torch.cat(mirrored))
+            x = x.to(self.device, non_blocking=True)
+            if mirror:
+                x = torch.cat([x, torch.flip(x, dims=[3])])  # [N, C, H, W]: dim 3 is left-right
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = self.model(x).float().cpu()
+        half = len(out) // 2
+        return (out[:half], out[half:]) if mirror else (out, out[:0])
 
 
 def _as_batch(faces: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:

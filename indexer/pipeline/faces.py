@@ -37,8 +37,9 @@ class ModelsFromSettings:
         from indexer.models.detector import FaceDetector
         from indexer.models.embedder import FaceEmbedder
 
-        embedder = FaceEmbedder(self.settings.embedder, prefer=self.prefer)
-        return FaceDetector(self.settings.detector, device=embedder.device), embedder
+        workers = self.settings.ingest.model_workers
+        embedder = FaceEmbedder(self.settings.embedder, prefer=self.prefer, workers=workers)
+        return FaceDetector(self.settings.detector, device=embedder.device, workers=workers), embedder
 
 
 class StageTimer:

@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from indexer.config import Settings
+from indexer.config import Settings, with_overrides
 from indexer.errors import EngineError
 from indexer.models.device import CPU_DETECTOR_BATCH
 from indexer.pipeline import shards
@@ -175,10 +175,13 @@ class RayIngest:
         folder = shards.start_run(self.staging, run.run_id, self.pipeline.store.index_dir)
         rows = [{"shard": shards.shard_name(n, chunk), "paths": [os.fsencode(p) for p in chunk]}
                 for n, chunk in enumerate(chunks)]
+        # Each actor's models get the actor's CPUs (model_workers 0 would count the whole node's cores per actor).
+        settings = self.settings if self.settings.ingest.model_workers else with_overrides(
+            self.settings, "ingest", model_workers=max(1, int(run.pool.cpus)))
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             ShardWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=run.pool.actors),
             num_cpus=run.pool.cpus, num_gpus=run.pool.gpus or None, memory=run.pool.memory,
-            fn_constructor_kwargs={"settings": self.settings, "prefer": self.prefer, "folder": str(folder),
+            fn_constructor_kwargs={"settings": settings, "prefer": self.prefer, "folder": str(folder),
                                    "readers": max(self.settings.ingest.decode_workers, int(run.pool.cpus))})
         with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="ingest (ray)") as bar:
             try:
