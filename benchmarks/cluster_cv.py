@@ -1,6 +1,7 @@
 """Parameters that generalise (issue 11): the default clustering method's parameters chosen by cross-validation over
 disjoint people folds of LFW dev-train, instead of the single best point on all of it. The grid: threshold x pair
-margin x the second pass on cluster centers (``center_merge``, 0 = off).
+margin x the recall passes on cluster centers (``center_merge`` and ``attach_similarity``, 0 = off, with the lead
+``center_lead`` over the nearest rival person that both ask for: indexer/cluster/passes.py).
 
 People (not photos) are dealt into ``FOLDS`` folds, largest first and round-robin (ties in a seeded random order), so
 every fold holds a share of the big identities and of the strangers seen once. Each fold is clustered on its own
@@ -20,9 +21,14 @@ import numpy as np
 
 FOLDS = 5
 SEED = 1234
-THRESHOLDS = (0.47, 0.49, 0.51, 0.53, 0.55, 0.57, 0.59, 0.61)   # where every optimum measured lay (0.49-0.57)
-PAIR_MARGINS = (0.0, 0.03, 0.06, 0.09, 0.12)
-CENTER_MERGES = (0.0, 0.70, 0.75)   # the second pass (identity.merge_close_centers); 0 = none
+THRESHOLDS = (0.49, 0.51, 0.53, 0.55, 0.57, 0.59)   # where every optimum measured lay (0.49-0.57)
+PAIR_MARGINS = (0.0, 0.03, 0.06, 0.09)
+# The recall passes (identity/passes.py): center merge and attach cosines (0 = off), and the lead over the nearest
+# rival person that both ask for.
+CENTER_MERGES = (0.0, 0.60, 0.65, 0.70)
+CENTER_LEADS = (0.10, 0.15, 0.20)
+ATTACH_SIMILARITIES = (0.0, 0.50, 0.55, 0.60)
+KEYS = ("threshold", "pair_margin", "center_merge", "center_lead", "attach_similarity")
 BIG = 10
 
 
@@ -47,21 +53,48 @@ def split_identities(people: np.ndarray, labels: np.ndarray, big: int = BIG) -> 
     return int((largest[is_big] < 0.9 * counts[is_big]).sum()), int(is_big.sum())
 
 
-def fold_scores(x: np.ndarray, people: np.ndarray, groups: list[np.ndarray], cluster) -> dict:
+def grid() -> list[tuple[float, ...]]:
+    """Every parameter point (``KEYS`` order); the lead is only tried where a pass is on."""
+    points = []
+    for t in THRESHOLDS:
+        for m in PAIR_MARGINS:
+            for c in CENTER_MERGES:
+                for a in ATTACH_SIMILARITIES:
+                    for lead in (CENTER_LEADS if c or a else CENTER_LEADS[:1]):
+                        points.append((t, m, c, lead, a))
+    return points
+
+
+def fold_scores(x: np.ndarray, people: np.ndarray, groups: list[np.ndarray]) -> dict:
     """Scores of every grid point on every group of rows (each clustered on its own): ``pairwise``, ``bcubed``,
     ``split`` [P, len(groups)], and ``params``.
 
-    ``cluster(x, forest, threshold, pair_margin, min_cluster_size, center_merge)`` -> labels: the method as the
-    library runs it (``identity.adaptive_labels``)."""
+    The labels are the library's (``identity.adaptive_labels``), computed stage by stage so that one forest serves
+    every cut, one cut every merge pass, and one nearest-center search every attach rule."""
     from indexer.cluster import external_scores
-    from indexer.cluster.identity import average_linkage_forest
+    from indexer.cluster.identity import average_linkage_forest, renumber
+    from indexer.cluster.passes import clear_lead, merge_close_centers, unassigned_candidates
 
-    params = [(t, m, c) for t in THRESHOLDS for m in PAIR_MARGINS for c in CENTER_MERGES]
+    params = grid()
     pairwise, bcubed, split = (np.zeros((len(params), len(groups))) for _ in range(3))
     for f, rows in enumerate(groups):
-        forest = average_linkage_forest(x[rows], min(THRESHOLDS))
-        for p, (t, m, c) in enumerate(params):
-            labels = cluster(x[rows], forest, t, m, 2, c)
+        xf = x[rows]
+        forest = average_linkage_forest(xf, min(THRESHOLDS))
+        cuts, merged = {}, {}
+        for p, (t, m, c, lead, a) in enumerate(params):
+            if (t, m) not in cuts:
+                cuts[t, m] = renumber(forest.cut(t, m), 2)
+            key = (t, m, c, lead if c else 0.0)
+            if key not in merged:
+                labels = cuts[t, m]
+                if c > 0:
+                    labels = renumber(merge_close_centers(xf, labels, c, lead), 2)
+                merged[key] = (labels, unassigned_candidates(xf, labels, c if c > 0 else None))
+            labels, (noise, nearest, sim, rival) = merged[key]
+            if a > 0:
+                labels = labels.copy()
+                join = clear_lead(sim, rival, a, lead)
+                labels[noise[join]] = nearest[join]
             s = external_scores(people[rows], labels, information=False)
             pairwise[p, f], bcubed[p, f] = s["pairwise_f1"], s["bcubed_f1"]
             split[p, f] = split_identities(people[rows], labels)[0]
@@ -74,11 +107,7 @@ def worst_fold_best(balanced: np.ndarray, folds: list[int]) -> int:
     return int(np.lexsort((sub.mean(axis=1), sub.min(axis=1)))[-1])
 
 
-KEYS = ("threshold", "pair_margin", "center_merge")
-
-
-def cross_validate(x: np.ndarray, people: np.ndarray, cluster, default: tuple[float, float, float],
-                   k: int = FOLDS) -> dict:
+def cross_validate(x: np.ndarray, people: np.ndarray, default: tuple[float, ...], k: int = FOLDS) -> dict:
     """Nested choice and held-out scores (see the module doc), and the fold scores of ``default`` parameters.
 
     Groups scored: the k folds alone (0..k-1), the union of all folds but f (k + f: the training set of fold f at
@@ -88,7 +117,7 @@ def cross_validate(x: np.ndarray, people: np.ndarray, cluster, default: tuple[fl
     folds = people_folds(people, k)
     groups = [np.flatnonzero(folds == f) for f in range(k)]
     groups += [np.flatnonzero(folds != f) for f in range(k)] + [np.arange(len(people))]
-    s = fold_scores(x, people, groups, cluster)
+    s = fold_scores(x, people, groups)
     balanced = (s["pairwise"] + s["bcubed"]) / 2
     held = []
     for f in range(k):
@@ -106,6 +135,8 @@ def cross_validate(x: np.ndarray, people: np.ndarray, cluster, default: tuple[fl
            "cv_choice": {**dict(zip(KEYS, s["params"][final], strict=True)),
                          "rule": "highest worst score (mean of pairwise and BCubed F1) over the folds and the full set",
                          **_row(s, final, k)}}
+    if not default[2] and not default[4]:   # both passes off: the lead plays no part (the grid holds one)
+        default = (*default[:3], CENTER_LEADS[0], default[4])
     if tuple(default) in s["params"]:
         out["cv_default_folds"] = {**dict(zip(KEYS, default, strict=True)), **_row(s, s["params"].index(default), k)}
     return out
@@ -120,17 +151,20 @@ def _row(s: dict, p: int, k: int) -> dict:
 
 
 def _params(d: dict) -> str:
-    return f"threshold {d['threshold']:.2f}, pair margin {d['pair_margin']:.2f}, center merge {d['center_merge']:.2f}"
+    return (f"threshold {d['threshold']:.2f}, pair margin {d['pair_margin']:.2f}, center merge "
+            f"{d['center_merge']:.2f}, lead {d['center_lead']:.2f}, attach {d['attach_similarity']:.2f}")
 
 
 def report_lines(cv: dict) -> list[str]:
     lines = [f"  cross-validated over {len(cv['cv_folds'])} disjoint people folds (parameters chosen on the other "
              "folds, worst fold best; scored on the held-out fold):",
-             "    fold  people  faces  threshold  pair margin  center merge  pairwise F1  BCubed F1  big people split"]
+             "    fold  people  faces  threshold  pair margin  center merge  lead  attach  pairwise F1  BCubed F1  "
+             "big people split"]
     for h in cv["cv_folds"]:
         lines.append(f"    {h['fold']:4d}  {h['people']:6d}  {h['faces']:5d}  {h['threshold']:9.2f}  "
-                     f"{h['pair_margin']:11.2f}  {h['center_merge']:12.2f}  {h['pairwise_f1']:11.4f}  "
-                     f"{h['bcubed_f1']:9.4f}  {h['split_big']:6d}")
+                     f"{h['pair_margin']:11.2f}  {h['center_merge']:12.2f}  {h['center_lead']:4.2f}  "
+                     f"{h['attach_similarity']:6.2f}  {h['pairwise_f1']:11.4f}  {h['bcubed_f1']:9.4f}  "
+                     f"{h['split_big']:6d}")
     lines.append(f"    held-out pairwise F1 {cv['cv_pairwise_f1_mean']:.4f} +- {cv['cv_pairwise_f1_std']:.4f} "
                  f"(worst {cv['cv_pairwise_f1_min']:.4f}), BCubed F1 {cv['cv_bcubed_f1_mean']:.4f} +- "
                  f"{cv['cv_bcubed_f1_std']:.4f} (worst {cv['cv_bcubed_f1_min']:.4f})")

@@ -67,7 +67,9 @@ class ClusterSettings:
     k: int = 0                       # kmeans only; 0 means auto (silhouette over a range)
     threshold: float = 0.53          # cosine similarity for the linkage / graph methods (cross-validated: README)
     pair_margin: float = 0.06        # adaptive: a merge of a- and b-face clusters needs threshold + margin/sqrt(ab)
-    center_merge: float = 0.0        # adaptive: then clusters whose centers' cosine >= this join (0 = off)
+    center_merge: float = 0.0        # adaptive: then a cluster joins its nearest center at this cosine (0 = off)...
+    center_lead: float = 0.15        # ...when it leads the nearest rival person's by this (and for attach_similarity)
+    attach_similarity: float = 0.0   # adaptive: last, an unassigned face joins its nearest center likewise (0 = off)
     min_cluster_size: int = 2        # hdbscan
     assign_min_similarity: float = 0.45  # live assignment: below this a face stays unassigned (-1)
     recluster_growth: float = 0.25   # daemon reclusters when the index grew by this fraction...
@@ -140,6 +142,8 @@ def validate(s: Settings) -> Settings:
         (s.cluster.k >= 0, "cluster.k must be >= 0 (0 = auto)"),
         (s.cluster.pair_margin >= 0, "cluster.pair_margin must be >= 0"),
         (0 <= s.cluster.center_merge <= 1, "cluster.center_merge must be a cosine in [0, 1] (0 = off)"),
+        (s.cluster.center_lead >= 0, "cluster.center_lead must be >= 0"),
+        (0 <= s.cluster.attach_similarity <= 1, "cluster.attach_similarity must be a cosine in [0, 1] (0 = off)"),
         (s.watch.settle_s >= 0, "watch.settle_s must be >= 0"),
         (0 < s.index.target_recall <= 1, "index.target_recall must be in (0, 1]"),
         (s.index.memory_budget_mb >= 0, "index.memory_budget_mb must be >= 0 (0 = a quarter of RAM)"),

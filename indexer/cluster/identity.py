@@ -16,6 +16,10 @@ Methods (all take cosine thresholds, since rows are unit vectors and cosine is t
   cosine >= threshold + pair_margin / sqrt(a * b) for clusters of a and b faces. A merge judged on one pair of
   photos must clear a higher bar than one judged on the mean of many pairs. On LFW this keeps strangers with one
   or two photos apart (BCubed precision) without splitting people with many photos (pairwise recall).
+  Then two recall passes, each a ratio test on cluster centers: a cluster joins the cluster of its nearest center
+  (``center_merge``), and an unassigned face joins its nearest center (``attach_similarity``), when that cosine is
+  high and leads the nearest rival person's by ``center_lead``. They mend what pairwise F1 punishes most: big
+  identities split in two looks, and their odd photos left unassigned.
 - ``hdbscan``: scikit-learn's HDBSCAN on chord distances (O(N^2) memory up to ``HDBSCAN_MAX`` faces).
 
 Clusters smaller than ``min_cluster_size`` become noise (-1): a face seen once is "not yet a person".
@@ -33,6 +37,7 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from indexer.cluster.kmeans import as_unit_matrix, check_k, fit_kmeans, nearest_center
+from indexer.cluster.passes import attach_unassigned, merge_close_centers
 from indexer.config import CLUSTER_METHODS
 from indexer.errors import ClusteringError
 
@@ -42,7 +47,11 @@ METHODS = CLUSTER_METHODS
 # Tuned on LFW View 1 (dev-train, LFW's tuning set); the sweeps are in benchmarks/results/bench_cluster.txt.
 DEFAULT_THRESHOLD = {"adaptive": 0.53, "agglomerative": 0.55, "threshold": 0.70}
 DEFAULT_PAIR_MARGIN = 0.06
-DEFAULT_CENTER_MERGE = 0.0  # adaptive's second pass (merge_close_centers): 0 = off
+# The recall passes (passes.py) are off by default: cross-validated they lift pairwise F1 on dev-train (0.55 + 0.06,
+# merge 0.65, lead 0.15, attach 0.50: README), but they merged two strangers in tests/test_cluster.py's 12-person set.
+DEFAULT_CENTER_MERGE = 0.0  # adaptive's second pass (passes.merge_close_centers): 0 = off
+DEFAULT_CENTER_LEAD = 0.15  # the lead over the nearest rival person both passes ask for
+DEFAULT_ATTACH_SIMILARITY = 0.0  # adaptive's last pass (passes.attach_unassigned): 0 = off
 # A component of m faces needs an m x m float64 condensed distance matrix for exact linkage: 15k faces ~ 0.9 GB.
 EXACT_LINKAGE_MAX = 15_000
 # HDBSCAN here runs on a full N x N distance matrix (8 bytes per pair): 15k faces ~ 1.8 GB.
@@ -250,13 +259,16 @@ def cluster_identities(
     k: int | None = None,
     pair_margin: float | None = None,
     center_merge: float | None = None,
+    center_lead: float | None = None,
+    attach_similarity: float | None = None,
 ) -> np.ndarray:
     """Cluster labels (int64 [N], -1 = noise/unassigned) of unit embeddings ``x`` by ``method``.
 
     ``threshold`` is a cosine similarity (adaptive, agglomerative, threshold; None = the method's tuned default),
     ``pair_margin`` the adaptive method's extra cosine for merges judged on few pairs, ``k`` is required for
-    kmeans, ``center_merge`` the adaptive method's second pass (``merge_close_centers``; 0 = none), and
-    ``min_cluster_size`` turns smaller clusters into noise (all methods but kmeans).
+    kmeans, ``center_merge`` and ``attach_similarity`` the adaptive method's recall passes (``merge_close_centers``,
+    ``attach_unassigned``; 0 = none) with ``center_lead`` the lead over the nearest rival both ask for, and
+    ``min_cluster_size`` turns smaller clusters into noise (all methods but kmeans). None = the tuned default.
     """
     x = as_unit_matrix(x)
     n = x.shape[0]
@@ -284,52 +296,32 @@ def cluster_identities(
         labels = average_linkage_forest(x, threshold).cut(threshold)
     elif method == "adaptive":
         merge = DEFAULT_CENTER_MERGE if center_merge is None else center_merge
-        return adaptive_labels(x, average_linkage_forest(x, threshold), threshold, margin, min_cluster_size, merge)
+        lead = DEFAULT_CENTER_LEAD if center_lead is None else center_lead
+        attach = DEFAULT_ATTACH_SIMILARITY if attach_similarity is None else attach_similarity
+        if not (0 <= merge <= 1 and 0 <= attach <= 1 and lead >= 0):
+            raise ClusteringError(f"center_merge and attach_similarity are cosines in [0, 1] (0 = off) and center_lead "
+                                  f">= 0; got {merge}, {attach} and {lead}.")
+        return adaptive_labels(x, average_linkage_forest(x, threshold), threshold, margin, min_cluster_size, merge,
+                               lead, attach)
     else:
         labels = hdbscan_labels(x, min_cluster_size)
     return renumber(labels, min_cluster_size)
 
 
 def adaptive_labels(x: np.ndarray, forest: LinkageForest, threshold: float, pair_margin: float,
-                    min_cluster_size: int = 2, center_merge: float = 0.0) -> np.ndarray:
+                    min_cluster_size: int = 2, center_merge: float = 0.0, center_lead: float = 0.0,
+                    attach_similarity: float = 0.0) -> np.ndarray:
     """The adaptive method's labels from an average-linkage forest of ``x`` built at a floor <= ``threshold`` (the
-    benchmark cuts one forest at many thresholds; ``cluster_identities`` builds it at the threshold), then, when
-    ``center_merge`` > 0, its second pass."""
+    benchmark cuts one forest at many thresholds; ``cluster_identities`` builds it at the threshold), then its two
+    recall passes: clusters join a clearly nearest center (``center_merge`` > 0, ``merge_close_centers``), and
+    unassigned faces join a clearly nearest center (``attach_similarity`` > 0, ``attach_unassigned``)."""
     labels = renumber(forest.cut(threshold, pair_margin), min_cluster_size)
     if center_merge > 0:
-        labels = renumber(merge_close_centers(x, labels, center_merge), min_cluster_size)
+        labels = renumber(merge_close_centers(x, labels, center_merge, center_lead), min_cluster_size)
+    if attach_similarity > 0:
+        rivals = center_merge if center_merge > 0 else None
+        labels = renumber(attach_unassigned(x, labels, attach_similarity, center_lead, rivals), min_cluster_size)
     return labels
-
-
-def merge_close_centers(x: np.ndarray, labels: np.ndarray, min_similarity: float) -> np.ndarray:
-    """Second pass over clusters (a recall fix): clusters whose centers have cosine >= ``min_similarity`` join
-    (connected components of that center graph); noise (-1) stays noise.
-
-    Average linkage judges a merge by the mean cosine over all cross pairs, which stays low between two halves of
-    one person photographed in two ways (young and old, glasses), however tight each half is. Their centers, means
-    of many photos, are close nonetheless: the center cosine divides out each half's spread."""
-    centers, ids = centers_from_labels(x, labels)
-    if len(ids) < 2:
-        return labels
-    _, comp = connected_components(similarity_graph(centers, min_similarity), directed=False)
-    out = labels.copy()
-    clustered = labels >= 0
-    out[clustered] = comp[np.searchsorted(ids, labels[clustered])]
-    return out
-
-
-def centers_from_labels(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centers float32 [C, d] = normalised mean of each cluster's rows, ids int64 [C] sorted); noise (-1) skipped."""
-    x = as_unit_matrix(x)
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.shape != (x.shape[0],):
-        raise ClusteringError(f"{labels.shape[0] if labels.ndim else 0} labels for {x.shape[0]} faces; "
-                              "pass one label per face.")
-    kept = labels >= 0
-    ids, inverse = np.unique(labels[kept], return_inverse=True)
-    sums = np.zeros((len(ids), x.shape[1]), np.float64)
-    np.add.at(sums, inverse, x[kept])
-    return as_unit_matrix(sums, "centers"), ids.astype(np.int64)
 
 
 def assign_to_centers(

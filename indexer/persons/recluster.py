@@ -94,10 +94,12 @@ def compute(ids: np.ndarray, x: np.ndarray, settings: ClusterSettings, method: s
         threshold = settings.threshold if threshold is None else threshold
         labels = cluster_identities(x, method, threshold=threshold, min_cluster_size=settings.min_cluster_size,
                                     seed=settings.seed, pair_margin=settings.pair_margin,
-                                    center_merge=settings.center_merge)
+                                    center_merge=settings.center_merge, center_lead=settings.center_lead,
+                                    attach_similarity=settings.attach_similarity)
         params = {"threshold": threshold, "min_cluster_size": settings.min_cluster_size}
         if method == "adaptive":
-            params.update(pair_margin=settings.pair_margin, center_merge=settings.center_merge)
+            params.update(pair_margin=settings.pair_margin, center_merge=settings.center_merge,
+                          center_lead=settings.center_lead, attach_similarity=settings.attach_similarity)
     centers, rows = centers_from_labels(x, labels)
     # Renumber labels to rows of ``centers`` (centers_from_labels returns the label values it saw, sorted).
     row_of = {int(label): i for i, label in enumerate(rows.tolist())}

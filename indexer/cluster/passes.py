@@ -1,0 +1,140 @@
+"""The adaptive method's recall passes on cluster centers (issue 11), and the centers themselves.
+
+Both passes are one ratio test, as in matching local image features: a cluster (``merge_close_centers``) or an
+unassigned face (``attach_unassigned``) joins the cluster of its nearest center when that cosine is high enough
+*and* leads the cosine of the nearest rival person by a margin. Pairwise F1 weighs a person by the square of their
+photos, so what it punishes most is a big identity split in two looks, or its odd photos left unassigned; the lead
+is what keeps strangers who merely resemble someone (measured on LFW dev-train: a center cosine alone merged
+strangers) apart. Parameters: ``benchmarks/cluster_cv.py``; figures: README, "Parameters that generalise".
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from indexer.cluster.kmeans import as_unit_matrix
+from indexer.errors import ClusteringError
+
+# Candidates searched per center / face for the nearest rival; the merge pass repeats at most this many rounds.
+RIVAL_NEIGHBORS = 32
+MERGE_ROUNDS = 10
+
+
+def nearest_and_rival(queries: np.ndarray, centers: np.ndarray, same_below: float | None,
+                      *, queries_are_centers: bool = False,
+                      neighbors: int = RIVAL_NEIGHBORS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each query row: (row of its nearest center, that cosine, the cosine of its nearest rival).
+
+    A rival is a center other than the nearest one that could be another person: its cosine to the nearest center
+    is below ``same_below`` (None: every other center is a rival). Centers closer than that to the nearest one may be
+    more pieces of the same person (George W Bush in 4 clusters): they must not hide a clear lead. When
+    ``queries_are_centers``, query i is center i and is left out of its own candidates. The search keeps
+    ``neighbors`` candidates (FAISS, memory O(queries x neighbors)); when all of them are near the nearest center, the
+    last one's cosine stands in for the rival (an upper bound: fewer merges, never more). No rival at all: -1.
+    """
+    n, c = queries.shape[0], centers.shape[0]
+    own = 1 if queries_are_centers else 0
+    k = min(neighbors + own, c)
+    index = faiss.IndexFlatIP(centers.shape[1])
+    index.add(centers)
+    sims, idx = index.search(queries, k)
+    if own:
+        keep = idx != np.arange(n)[:, None]
+        keep[keep.sum(axis=1) > k - 1, -1] = False   # self not among the first k (duplicates): drop the weakest
+        sims, idx = sims[keep].reshape(n, k - 1), idx[keep].reshape(n, k - 1)
+    if sims.shape[1] == 0:
+        return np.zeros(n, np.int64), np.full(n, -1.0, np.float32), np.full(n, -1.0, np.float32)
+    best, best_sim = idx[:, 0].astype(np.int64), sims[:, 0].copy()
+    rival_ok = np.ones(sims.shape, bool)
+    rival_ok[:, 0] = False
+    if same_below is not None:
+        for j in range(1, sims.shape[1]):
+            rival_ok[:, j] = np.einsum("ij,ij->i", centers[best], centers[idx[:, j]]) < same_below
+    rival = np.where(rival_ok, sims, -np.inf).max(axis=1)
+    searched_all = sims.shape[1] == c - own
+    none_found = ~rival_ok.any(axis=1)
+    rival[none_found] = -1.0 if searched_all else sims[none_found, -1]
+    return best, best_sim, rival.astype(np.float32)
+
+
+def merge_close_centers(x: np.ndarray, labels: np.ndarray, min_similarity: float, lead: float = 0.0,
+                        rounds: int = MERGE_ROUNDS) -> np.ndarray:
+    """Second pass over clusters (a recall fix): a cluster joins the cluster of its nearest center when their cosine
+    is >= ``min_similarity`` and leads the nearest rival's (``nearest_and_rival``) by >= ``lead``, and that cluster is
+    at least as large; repeated on the new centers until nothing joins (at most ``rounds`` times). Noise (-1) stays
+    noise.
+
+    Average linkage judges a merge by the mean cosine over all cross pairs, which stays low between two halves of
+    one person photographed in two ways (young and old, glasses), however tight each half is. Their centers, means
+    of many photos, are close nonetheless: the center cosine divides out each half's spread. A center cosine alone
+    also joins strangers who look alike (measured: it merged strangers on all of dev-train), so the nearest center
+    must also stand out from every other person's: a ratio test, as in matching local image features."""
+    out = np.asarray(labels, dtype=np.int64).copy()
+    for _ in range(rounds):
+        centers, ids = centers_from_labels(x, out)
+        if len(ids) < 2:
+            break
+        best, sim, rival = nearest_and_rival(centers, centers, min_similarity, queries_are_centers=True)
+        size = np.bincount(np.searchsorted(ids, out[out >= 0]), minlength=len(ids))
+        # The smaller joins the larger: a small cluster between two people must not pull both big ones into it.
+        join = np.flatnonzero(clear_lead(sim, rival, min_similarity, lead) & (size <= size[best]))
+        if len(join) == 0:
+            break
+        graph = coo_matrix((np.ones(len(join), np.int8), (join, best[join])), shape=(len(ids), len(ids)))
+        _, comp = connected_components(graph, directed=False)
+        clustered = out >= 0
+        out[clustered] = comp[np.searchsorted(ids, out[clustered])]
+    return out
+
+
+def attach_unassigned(x: np.ndarray, labels: np.ndarray, min_similarity: float, lead: float = 0.0,
+                      same_below: float | None = None) -> np.ndarray:
+    """Last pass (a recall fix): an unassigned face (-1) joins the cluster of its nearest center when their cosine is
+    >= ``min_similarity`` and leads the nearest rival's by >= ``lead`` (rivals: ``nearest_and_rival``).
+
+    Average linkage leaves out a person's odd photos (profile, dark, old) whose mean cosine to a big cluster stays
+    under the threshold; with pairwise F1 each such face of a person with n photos loses n - 1 pairs. A face whose
+    nearest person stands out from all others is that person far more often than a stranger is (LFW dev-train:
+    benchmarks/results/bench_cluster.txt, part (c))."""
+    noise, nearest, sim, rival = unassigned_candidates(x, labels, same_below)
+    out = np.asarray(labels, dtype=np.int64).copy()
+    join = clear_lead(sim, rival, min_similarity, lead)
+    out[noise[join]] = nearest[join]
+    return out
+
+
+def unassigned_candidates(x: np.ndarray, labels: np.ndarray, same_below: float | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each unassigned face: (its row, the label of its nearest center, that cosine, the nearest rival's cosine)
+    (``attach_unassigned`` without the rule, so the benchmark can try many rules on one search)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    noise = np.flatnonzero(labels < 0)
+    centers, ids = centers_from_labels(x, labels)
+    if len(noise) == 0 or len(ids) == 0:
+        empty = np.zeros(0, np.float32)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty
+    best, sim, rival = nearest_and_rival(as_unit_matrix(x)[noise], centers, same_below)
+    return noise, ids[best], sim, rival
+
+
+def clear_lead(sim: np.ndarray, rival: np.ndarray, min_similarity: float, lead: float) -> np.ndarray:
+    """The passes' test: the nearest center is close enough and leads the nearest rival by enough."""
+    return (sim >= min_similarity) & (sim - rival >= lead)
+
+
+def centers_from_labels(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centers float32 [C, d] = normalised mean of each cluster's rows, ids int64 [C] sorted); noise (-1) skipped."""
+    x = as_unit_matrix(x)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (x.shape[0],):
+        raise ClusteringError(f"{labels.shape[0] if labels.ndim else 0} labels for {x.shape[0]} faces; "
+                              "pass one label per face.")
+    kept = np.flatnonzero(labels >= 0)
+    ids, inverse = np.unique(labels[kept], return_inverse=True)
+    # Sums as one sparse product (cluster x face indicator times the rows): the passes recompute centers often.
+    member = csr_matrix((np.ones(len(kept)), (inverse, kept)), shape=(len(ids), x.shape[0]))
+    sums = np.asarray(member @ x.astype(np.float64))
+    return as_unit_matrix(sums, "centers"), ids.astype(np.int64)
