@@ -65,11 +65,11 @@ class IndexSettings:
 class ClusterSettings:
     method: str = "adaptive"         # adaptive | agglomerative | hdbscan | threshold | kmeans
     k: int = 0                       # kmeans only; 0 means auto (silhouette over a range)
-    threshold: float = 0.53          # cosine similarity for the linkage / graph methods (cross-validated: README)
+    threshold: float = 0.55          # cosine similarity for the linkage / graph methods (cross-validated: README)
     pair_margin: float = 0.06        # adaptive: a merge of a- and b-face clusters needs threshold + margin/sqrt(ab)
-    center_merge: float = 0.0        # adaptive: then a cluster joins its nearest center at this cosine (0 = off)...
+    center_merge: float = 0.65       # adaptive: then a cluster joins its nearest center at this cosine (0 = off)...
     center_lead: float = 0.15        # ...when it leads the nearest rival person's by this (and for attach_similarity)
-    attach_similarity: float = 0.0   # adaptive: last, an unassigned face joins its nearest center likewise (0 = off)
+    attach_similarity: float = 0.50  # adaptive: last, an unassigned face joins its nearest center likewise (0 = off)
     min_cluster_size: int = 2        # hdbscan
     assign_min_similarity: float = 0.45  # live assignment: below this a face stays unassigned (-1)
     recluster_growth: float = 0.25   # daemon reclusters when the index grew by this fraction...

