@@ -8,8 +8,9 @@ the same image alone. Grouping keeps batched results identical to one-by-one det
 mapped back to the original image's pixels.
 
 On CPU, detection runs ``mtcnn_fast.detect_faces``: facenet-pytorch's networks and three-stage algorithm with its
-two CPU hot spots (max pooling, the per-box crop loop) replaced by bit-identical batched equivalents; it finds the
-same faces as ``MTCNN.detect`` ~1.5x faster on LFW (see that module). On CUDA it runs ``MTCNN.detect`` unchanged.
+CPU hot spots (max pooling, the per-box crop loop, the pyramid's resizes) replaced by bit-identical equivalents and
+the networks channels-last; it finds the same faces as ``MTCNN.detect`` (see that module), its batches spread over
+``workers`` threads (``parallel.choose_workers``). On CUDA it runs ``MTCNN.detect`` unchanged.
 
 ``crop`` cuts a face from the decoded image, with facenet-pytorch's margin, and applies the fixed standardisation
 (x - 127.5) / 128 that both embedders were trained with; ``crop_source`` says which decode to cut from (a face
@@ -154,7 +155,7 @@ class FaceDetector:
         return image
 
     def crop(self, image: DecodedImage | Image.Image, face: DetectedFace) -> torch.Tensor:
-        """3x160x160 float tensor, fixed-standardised, cut from the decoded image at its full resolution."""
+        """3x160x160 float tensor, fixed-standardised, cut from ``image`` (pass ``crop_source``'s choice)."""
         pil = image.image if isinstance(image, DecodedImage) else image
         scale = image.scale if isinstance(image, DecodedImage) else 1.0
         box = [v / scale for v in face.box]
