@@ -96,7 +96,6 @@ class FaceDetector:
                seconds: dict[str, float] | None = None) -> list[list[DetectedFace]]:
         """All faces of each image, most probable first; boxes in original-image coordinates. ``seconds``, if
         given, receives the time spent making the detection copies ("resize")."""
-        pil = [im.image if isinstance(im, DecodedImage) else im for im in images]
         to_orig = [im.scale if isinstance(im, DecodedImage) else 1.0 for im in images]
         started = time.perf_counter()
         side = self.settings.max_side
@@ -104,7 +103,7 @@ class FaceDetector:
                   for im in images]
         if seconds is not None:
             seconds["resize"] = seconds.get("resize", 0.0) + time.perf_counter() - started
-        results: list[list[DetectedFace]] = [[] for _ in pil]
+        results: list[list[DetectedFace]] = [[] for _ in images]
         # MTCNN's pyramid starts at the minimum face size: a smaller image has no scale to look at (and facenet-pytorch
         # fails on it), so it has no face.
         big_enough = [i for i, c in enumerate(copies) if min(c[0].shape[:2]) >= self.settings.min_face_size]

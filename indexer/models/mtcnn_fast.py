@@ -172,14 +172,15 @@ def _corner(sat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.
 
 
 def area_crops(tables: SummedAreaTables, image_inds: np.ndarray, y0: np.ndarray, y1: np.ndarray,
-               x0: np.ndarray, x1: np.ndarray, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               x0: np.ndarray, x1: np.ndarray, size: int) -> torch.Tensor:
     """``F.interpolate(images[i, :, y0:y1, x0:x1], (size, size), mode="area")`` for every box, stacked
-    [boxes, C, size, size] (channels-last), in ``dtype``.
+    [boxes, C, size, size] (float32, channels-last).
 
     Each bin sum comes exactly from four table corners; the division is done as PyTorch does it (``sum / kh / kw``)
     so the result is bit-identical.
     """
     channels = tables.images.shape[3]
+    dtype = torch.float32
     out = torch.empty(len(y0), size, size, channels, dtype=dtype)
     for b in np.unique(image_inds):
         sel = np.flatnonzero(image_inds == b)

@@ -91,7 +91,7 @@ class Reader:
         self.store = store
         # Draft mode may shrink big JPEGs down to what the detector looks at; small faces are cropped from a second,
         # full decode of the same bytes (FaceDetector.crop_source).
-        self.min_side = self.max_side = settings.detector.max_side
+        self.max_side = settings.detector.max_side
 
     def __call__(self, path: str) -> ReadItem:
         started = time.perf_counter()
@@ -112,14 +112,15 @@ class Reader:
             return replace(item, error="empty file (0 bytes)")
         started = time.perf_counter()
         try:
-            image = decode(data, self.max_pixels, self.min_side, name=path)
+            image = decode(data, self.max_pixels, self.max_side, name=path)
         except ImageError as exc:
             return replace(item, error=str(exc))
         decode_s = time.perf_counter() - started
+        started = time.perf_counter()
         image.detection_copy(self.max_side)  # the detector's input, made here, off the models' thread
+        resize_s = time.perf_counter() - started
         return replace(item, image=image, orig_size=image.orig_size,
-                       seconds=(("read", read_s), ("decode", decode_s), ("resize", time.perf_counter() - started
-                                                                         - decode_s)))
+                       seconds=(("read", read_s), ("decode", decode_s), ("resize", resize_s)))
 
     def classify(self, item: ReadItem) -> tuple[Verdict, str | None]:
         with self.store.read() as txn:
