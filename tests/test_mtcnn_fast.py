@@ -19,10 +19,12 @@ from torch import nn
 from indexer.models.mtcnn_fast import (
     CeilMaxPool2d,
     FastPNet,
+    RowPReLU,
     SummedAreaTables,
     area_crops,
     detect_faces,
     fast_pools,
+    fast_prelus,
     prepare_nets,
     pyramid_level,
 )
@@ -40,6 +42,28 @@ def test_ceil_max_pool_is_bit_identical_and_keeps_the_layout(kernel, size, layou
     assert got.shape == want.shape
     assert torch.equal(got, want)
     assert got.stride() == want.stride()  # the next convolution rounds differently on another layout
+
+
+@pytest.mark.parametrize("shape", [(1, 10, 57, 77), (3, 16, 9, 11), (2, 32, 1, 1), (5, 64, 3, 3)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_row_prelu_is_bit_identical_and_keeps_the_layout(shape, layout):
+    torch.manual_seed(sum(shape))
+    prelu = nn.PReLU(shape[1])
+    prelu.weight.data = torch.randn(shape[1])  # any sign and size, not just MTCNN's (0, 1) slopes
+    x = torch.randn(*shape).contiguous(memory_format=layout)
+    fast = RowPReLU(prelu)
+    with torch.inference_mode():
+        want, got = prelu(x), fast(x)
+        assert torch.equal(got, want)
+        assert got.stride() == want.stride()
+        dense = torch.randn(7, shape[1])  # a dense layer's [N, C] (RNet's and ONet's last PReLU)
+        assert torch.equal(fast(dense), prelu(dense))
+
+
+def test_fast_prelus_swaps_per_channel_prelus_only():
+    model = nn.Sequential(nn.PReLU(8), nn.Sequential(nn.PReLU(4)), nn.PReLU())
+    assert fast_prelus(model) == 2
+    assert [type(m).__name__ for m in (model[0], model[1][0], model[2])] == ["RowPReLU", "RowPReLU", "PReLU"]
 
 
 def test_fast_pools_swaps_only_what_it_can_reproduce():

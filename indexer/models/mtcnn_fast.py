@@ -91,6 +91,44 @@ def fast_pools(module: nn.Module) -> int:
     return swapped
 
 
+class RowPReLU(nn.Module):
+    """``nn.PReLU`` (per-channel weights) for channels-last activations, bit-identical, 3-5x faster there.
+
+    PyTorch's PReLU kernel on a channels-last tensor broadcasts its weight over the innermost dimension, which
+    holds just the 10-64 channels: measured on PNet's first activation of a 1280 px photo (1 x 10 x 574 x 766),
+    6.8-12.7 ms against 1.3 ms for the same data laid out NCHW, and 39 % of PNet's time. The same bytes seen as
+    ``[N * H, W * C]`` (one row per image row) with the weight repeated ``W`` times give the kernel long rows to
+    vectorise over: 2.3 ms, the same arithmetic (``x if x > 0 else w * x``) on the same values. Other inputs (a
+    dense layer's [N, C], NCHW tensors) go to ``F.prelu`` as they are."""
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        self.weight = prelu.weight
+        self._repeated: dict[int, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+            return F.prelu(x, self.weight)
+        n, c, h, w = x.shape
+        weight = self._repeated.get(w)
+        if weight is None or weight.dtype != x.dtype:
+            weight = self._repeated[w] = self.weight.detach().to(x.dtype).repeat(w)
+        rows = x.permute(0, 2, 3, 1).reshape(n * h, w * c)  # a view: channels-last memory is N, H, W, C
+        return F.prelu(rows, weight).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def fast_prelus(module: nn.Module) -> int:
+    """Replace every ``nn.PReLU`` with per-channel weights by ``RowPReLU``, in place; returns how many."""
+    swapped = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.PReLU) and child.weight.numel() > 1:
+            setattr(module, name, RowPReLU(child))
+            swapped += 1
+        else:
+            swapped += fast_prelus(child)
+    return swapped
+
+
 class FastPNet(nn.Module):
     """facenet-pytorch's PNet (its own layers and weights), with its two 1x1 heads as one matrix product on the
     channels-last features (PyTorch runs 1x1 convolutions with few outputs on its slow, non-oneDNN path) and the
@@ -114,10 +152,11 @@ class FastPNet(nn.Module):
 
 
 def prepare_nets(pnet: nn.Module, rnet: nn.Module, onet: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """facenet-pytorch's P/R/ONet made fast on CPU: ``fast_pools`` and channels-last weights in place, PNet's heads
-    fused (``FastPNet``). Returns the networks to pass to ``detect_faces``."""
+    """facenet-pytorch's P/R/ONet made fast on CPU: ``fast_pools``, ``fast_prelus`` and channels-last weights in
+    place, PNet's heads fused (``FastPNet``). Returns the networks to pass to ``detect_faces``."""
     for net in (pnet, rnet, onet):
         fast_pools(net)
+        fast_prelus(net)
         net.to(memory_format=torch.channels_last)
     return FastPNet(pnet).eval(), rnet, onet
 
