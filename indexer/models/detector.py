@@ -34,7 +34,7 @@ from indexer.images import DecodedImage, detection_copy
 from indexer.models.device import choose_detector_batch, describe_device
 from indexer.models.embedder import pick_device
 from indexer.models.mtcnn_fast import detect_faces, prepare_nets
-from indexer.models.parallel import choose_workers, map_workers
+from indexer.models.parallel import available_workers, choose_workers, map_workers, plan_chunks
 
 log = logging.getLogger("faceindex.detector")
 
@@ -108,15 +108,34 @@ class FaceDetector:
         # fails on it), so it has no face.
         big_enough = [i for i, c in enumerate(copies) if min(c[0].shape[:2]) >= self.settings.min_face_size]
         shapes = [copies[i][0].shape[:2] for i in big_enough]
-        # Batches small enough that every worker gets one (16 same-shape LFW photos on 2 workers: 8 + 8).
-        per_batch = min(self.batch_size, max(1, -(-len(big_enough) // self.workers)))
+        # Batches small enough that every worker gets one (16 same-shape LFW photos on 2 workers: 8 + 8); on a
+        # thread that is itself a worker (FaceStage hands each worker its photos), all of them are its own.
+        workers = available_workers(self.workers)
+        per_batch = min(self.batch_size, max(1, -(-len(big_enough) // workers)))
         batches = [[big_enough[j] for j in group] for group in plan_batches(shapes, per_batch)]
-        found = map_workers(lambda batch: self._detect(np.stack([copies[i][0] for i in batch])), batches,
-                            self.workers)
+        found = map_workers(lambda batch: self._detect(np.stack([copies[i][0] for i in batch])), batches, workers)
         for batch, faces in zip(batches, found, strict=True):
             for i, (boxes, probs, points) in zip(batch, faces, strict=True):
                 results[i] = self._faces(boxes, probs, points, copies[i][1] * to_orig[i])
         return results
+
+    def plan(self, images: list[DecodedImage] | list[Image.Image]) -> list[list[int]]:
+        """``images`` (their indices) in chunks for the model workers, each of which detects, crops and embeds a
+        chunk by itself (FaceStage): photos of one detection shape stay together (they batch), and the costliest
+        chunks (pixels the detector sees) come first (``parallel.plan_chunks``). One chunk of all on one worker."""
+        if self.workers <= 1 or len(images) <= 1:
+            return [list(range(len(images)))]
+        side = self.settings.max_side
+        shapes, costs = [], []
+        for im in images:
+            if isinstance(im, DecodedImage):  # its copy was made ahead by the reader threads: no work here
+                h, w = im.detection_copy(side)[0].shape[:2]
+            else:  # a plain PIL image: its own size stands for its copy's (same size, same copy)
+                w, h = im.size
+            shapes.append((h, w))
+            shrink = min(1.0, side / max(h, w, 1))
+            costs.append(h * w * shrink * shrink)
+        return plan_chunks(plan_batches(shapes, len(images)), costs, self.workers, self.batch_size)
 
     def _detect(self, stacked: np.ndarray) -> list[tuple]:
         """(boxes [n, 4], probs [n], landmarks [n, 5, 2]) per image of a same-shape uint8 batch [B, H, W, 3]."""

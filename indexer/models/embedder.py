@@ -22,7 +22,7 @@ from facenet_pytorch import InceptionResnetV1
 from indexer.config import EmbedderSettings
 from indexer.models import weights as weights_mod
 from indexer.models.device import choose_embedder_batch, describe_device
-from indexer.models.parallel import choose_workers, map_workers, split
+from indexer.models.parallel import available_workers, choose_workers, map_workers, split
 
 EMBEDDING_DIM = 512
 log = logging.getLogger("faceindex.embedder")
@@ -109,9 +109,10 @@ class FaceEmbedder:
         # With the mirror, a chunk of n faces is a pass of 2n rows: batch_size keeps bounding the rows of a pass.
         # At least one chunk per worker, when there are faces enough: the workers embed chunks side by side.
         per_pass = max(1, self.batch_size // 2) if mirror else self.batch_size
-        chunks = max(-(-len(faces) // per_pass), min(self.workers, len(faces)))
+        workers = available_workers(self.workers)  # 1 on a model worker: its faces are its own to embed
+        chunks = max(-(-len(faces) // per_pass), min(workers, len(faces)))
         outs = map_workers(lambda r: self._forward(faces[r.start:r.stop], mirror), split(len(faces), chunks),
-                           self.workers)
+                           workers)
         plain = torch.cat([o[0] for o in outs])
         mirrored = torch.cat([o[1] for o in outs])
         return _unit(plain), _unit(mirrored)

@@ -26,6 +26,7 @@ R = TypeVar("R")
 _threads_lock = threading.Lock()
 _single_threaded = 0  # callers inside one_intra_op_thread, all threads together
 _before = 1           # torch's intra-op threads before the first of them came in
+_worker = threading.local()  # .inside: this thread is one of map_workers' threads
 
 
 def choose_workers(requested: int, device: DeviceInfo) -> tuple[int, str]:
@@ -59,13 +60,43 @@ def one_intra_op_thread() -> Iterator[None]:
 
 
 
+def _enter_worker() -> None:
+    _worker.inside = True
+
+
+def available_workers(workers: int) -> int:
+    """``workers``, or 1 on a thread that is itself a model worker: work a worker was handed (a photo's
+    detection, then its faces' embedding) runs on that worker, not on a second pool over the same cores."""
+    return 1 if getattr(_worker, "inside", False) else workers
+
+
 def map_workers(fn: Callable[[T], R], chunks: Sequence[T], workers: int) -> list[R]:
-    """``[fn(c) for c in chunks]``, ``workers`` at a time on threads of one intra-op thread each; in order. An
-    exception in any chunk is raised here, after the others finished (no thread is left running)."""
+    """``[fn(c) for c in chunks]``, ``workers`` at a time on threads of one intra-op thread each; in order. Chunks
+    are taken in order as workers come free. An exception in any chunk is raised here, after the others finished
+    (no thread is left running). Called from a model worker, it runs the chunks there, one after another."""
+    workers = available_workers(workers)
     if workers <= 1 or len(chunks) <= 1:
         return [fn(c) for c in chunks]
-    with one_intra_op_thread(), ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="model") as pool:
+    with one_intra_op_thread(), ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="model",
+                                                   initializer=_enter_worker) as pool:
         return list(pool.map(fn, chunks))
+
+
+def plan_chunks(groups: Sequence[Sequence[int]], costs: Sequence[float], workers: int,
+                most: int) -> list[list[int]]:
+    """Chunks of work for ``workers``: each group (items that must share a chunk's batches, e.g. photos of one
+    shape) cut into near-equal pieces of at most ``most`` items, about ``workers`` pieces for a group that holds
+    all the items, costliest chunk first (``costs``: per item). Taken in that order as workers come free, the
+    long chunks start first and the short ones fill the gaps at the end (longest-processing-time first), so no
+    worker waits long for the last one. One worker: every group whole, up to ``most``."""
+    total = sum(len(g) for g in groups)
+    out: list[list[int]] = []
+    for group in groups:
+        if not group:
+            continue
+        pieces = max(-(-len(group) // most), -(-len(group) * max(workers, 1) // max(total, 1)) if workers > 1 else 1)
+        out += [list(group[r.start:r.stop]) for r in split(len(group), pieces)]
+    return sorted(out, key=lambda chunk: -sum(costs[i] for i in chunk))
 
 
 def split(n: int, parts: int) -> list[range]:

@@ -93,18 +93,41 @@ class FaceStage:
         self.embedder.embed(torch.zeros(1, 3, 160, 160))
 
     def __call__(self, items: list[ReadItem], timer: StageTimer | None = None) -> list[FaceItem]:
+        """The faces of ``items``. On several model workers (CPU) each worker takes a chunk of photos
+        (``FaceDetector.plan``) and detects, crops, embeds and thumbnails them by itself: no worker waits for
+        the others between detection and embedding, and the crops (with any full-resolution decode) run in
+        parallel too. The stage seconds are then summed over the workers. One worker (GPU): one chunk of all."""
+        from indexer.models.parallel import map_workers
+
         timer = timer or StageTimer()
         todo = [i for i, it in enumerate(items) if it.needs_faces]
-        if not todo:
-            return [FaceItem(it) for it in items]
+        out = [FaceItem(it) for it in items]
+        if todo:
+            detector = self.detector
+            chunks = [[todo[j] for j in chunk] for chunk in detector.plan([items[i].image for i in todo])]
+            done = map_workers(lambda chunk: self._chunk([items[i] for i in chunk]), chunks, detector.workers)
+            for chunk, (faces, seconds) in zip(chunks, done, strict=True):
+                for i, new_faces in zip(chunk, faces, strict=True):
+                    out[i].faces = new_faces
+                for stage, spent in seconds.items():
+                    timer.add_seconds(stage, spent)
+        for fi in out:  # free the pixels as soon as the faces are out
+            if fi.read.image is not None:
+                fi.read = replace(fi.read, image=None)
+        return out
+
+    def _chunk(self, items: list[ReadItem]) -> tuple[list[list[NewFace]], dict[str, float]]:
+        """Detect, crop, embed and thumbnail the faces of ``items`` (on the calling thread when it is a model
+        worker): the new faces of each item, and the seconds spent per stage."""
+        timer = StageTimer()
         started = time.perf_counter()
         spent: dict[str, float] = {}
-        detections = self.detector.detect([items[i].image for i in todo], spent)
+        detections = self.detector.detect([it.image for it in items], spent)
         for stage, seconds in spent.items():  # the detection copies' resize, apart from detection itself
             timer.add_seconds(stage, seconds)
         timer.add("detect", started + sum(spent.values()))
         crops, owners = [], []
-        for i, faces in zip(todo, detections, strict=True):
+        for i, faces in enumerate(detections):
             if not faces:
                 continue
             started = time.perf_counter()
@@ -120,14 +143,11 @@ class FaceStage:
         vectors = self.embedder.embed(crops) if crops else stack_vectors([])
         timer.add("embed", started)
         started = time.perf_counter()
-        out = [FaceItem(it) for it in items]
+        new_faces: list[list[NewFace]] = [[] for _ in items]
         for (i, face), vector in zip(owners, vectors, strict=True):
-            out[i].faces.append(self._new_face(items[i].image, face, vector))
-        for fi in out:  # free the pixels as soon as the faces are out
-            if fi.read.image is not None:
-                fi.read = replace(fi.read, image=None)
+            new_faces[i].append(self._new_face(items[i].image, face, vector))
         timer.add("thumbnail", started)
-        return out
+        return new_faces, dict(timer.seconds)
 
     def _new_face(self, image: DecodedImage, face: DetectedFace, vector: np.ndarray) -> NewFace:
         buf = io.BytesIO()
