@@ -302,26 +302,31 @@ if __name__ == "__main__":
 
 
 class Recorder:
-    """``--out DIR``: the benchmark's JSON goes to DIR/<name>.json and its printed table to DIR/<name>.txt."""
+    """``--out DIR``: the benchmark's JSON goes to DIR/<name>.json and its printed table to DIR/<name>.txt (both,
+    with or without ``--json``)."""
 
     def __init__(self, out: str | None, name: str) -> None:
         self.dir = Path(out) if out else None
         self.name = name
         self.lines: list[str] = []
+        self.table_to_stderr = False
 
     def json(self, result: dict, to_stdout: bool = False) -> bool:
-        """Record ``result``; with ``to_stdout`` (``--json``) also print it and return True: the run ends there."""
+        """Record ``result``; with ``to_stdout`` (``--json``) also print it. True when the run ends there: JSON on
+        stdout and no folder to write the table to. With a folder the table is still rendered, to stderr (stdout
+        stays one JSON object), so DIR/<name>.txt is written beside the JSON."""
         import json
 
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / f"{self.name}.json").write_text(json.dumps(result, indent=1) + "\n")
         if to_stdout:
-            print(json.dumps(result))
-        return to_stdout
+            print(json.dumps(result), flush=True)
+            self.table_to_stderr = True
+        return to_stdout and self.dir is None
 
     def print(self, line: str = "") -> None:
-        print(line)
+        print(line, file=sys.stderr if self.table_to_stderr else sys.stdout)
         self.lines.append(line)
 
     def close(self) -> None:

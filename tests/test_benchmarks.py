@@ -119,3 +119,17 @@ def test_smoke_bench_scale(shared_data: Path) -> None:
 @pytest.mark.slow
 def test_smoke_bench_serve() -> None:
     smoke_run("bench_serve", labelled=False)  # its JSON carries no "smoke" label (yet)
+
+
+def test_recorder_writes_the_table_beside_the_json_even_with_json_on_stdout(tmp_path: Path, capsys) -> None:
+    from benchmarks.lfw_data import Recorder
+
+    rec = Recorder(str(tmp_path), "bench_x")
+    assert rec.json({"a": 1}, to_stdout=True) is False  # a folder to write to: the table is still rendered
+    rec.print("the table")
+    rec.close()
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"a": 1} and "the table" in err  # stdout stays one JSON object
+    assert json.loads((tmp_path / "bench_x.json").read_text()) == {"a": 1}
+    assert "the table" in (tmp_path / "bench_x.txt").read_text()
+    assert Recorder(None, "bench_x").json({"a": 1}, to_stdout=True) is True  # nowhere to write: done
