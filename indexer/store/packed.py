@@ -144,6 +144,7 @@ class PackedVectors:
         self._offset = int(header["vectors_offset"])
         # Closed when the last reference goes (a search in flight keeps it open across a swap to a newer file).
         self._file = open(path, "rb", buffering=0)   # noqa: SIM115
+        self.prefetch = _FADVISE is not None   # announce a query's rows before reading them (see read_rows)
         if hasattr(os, "posix_fadvise"):   # candidates are scattered: read-ahead would read neighbours for nothing
             os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
 
@@ -198,7 +199,7 @@ class PackedVectors:
         another, 1.3-1.4 ms announced first (bench_scale re-measures it in the query latency)."""
         fd, size, base = self._file.fileno(), self._row_bytes, self._offset
         offsets = [base + r * size for r in rows.tolist()]
-        if len(offsets) > 1 and _FADVISE is not None:
+        if len(offsets) > 1 and self.prefetch:
             for offset in offsets:
                 _FADVISE(fd, offset, size, os.POSIX_FADV_WILLNEED)
         raw = b"".join([os.pread(fd, size, offset) for offset in offsets])
