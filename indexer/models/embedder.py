@@ -89,6 +89,11 @@ class FaceEmbedder:
     def fingerprint(self) -> str:
         return self.weights.fingerprint
 
+    @property
+    def faces_per_pass(self) -> int:
+        """Faces in one forward pass: ``batch_size`` rows, a face and its mirror image two of them with flip."""
+        return max(1, self.batch_size // 2) if self.settings.flip else self.batch_size
+
     def embed(self, faces: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
         """[N, 3, 160, 160] standardised crops -> float32 [N, 512] unit vectors. With ``embedder.flip`` each row is
         the normalised mean of the face's and its mirror image's embedding (``flip_average``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -12,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.config import Settings
-from indexer.embedding import stack_vectors
 from indexer.pipeline.records import FaceItem, ReadItem
 from indexer.store.records import NewFace
 
@@ -93,61 +93,69 @@ class FaceStage:
         self.embedder.embed(torch.zeros(1, 3, 160, 160))
 
     def __call__(self, items: list[ReadItem], timer: StageTimer | None = None) -> list[FaceItem]:
-        """The faces of ``items``. On several model workers (CPU) each worker takes a chunk of photos
-        (``FaceDetector.plan``) and detects, crops, embeds and thumbnails them by itself: no worker waits for
-        the others between detection and embedding, and the crops (with any full-resolution decode) run in
-        parallel too. The stage seconds are then summed over the workers. One worker (GPU): one chunk of all."""
-        from indexer.models.parallel import map_workers
+        """The faces of ``items``. The model workers (one per core on CPU, one on a GPU) take chunks of photos
+        (``FaceDetector.plan``: one shape a chunk, costliest first) to detect and crop, and batches of the crops
+        to embed and thumbnail, side by side with no barrier between the two (``schedule.run_two_stages``).
+        Stage seconds are summed over the workers."""
+        from indexer.pipeline.schedule import run_two_stages
 
         timer = timer or StageTimer()
         todo = [i for i, it in enumerate(items) if it.needs_faces]
         out = [FaceItem(it) for it in items]
         if todo:
-            detector = self.detector
+            detector, embedder = self.models()
             chunks = [[todo[j] for j in chunk] for chunk in detector.plan([items[i].image for i in todo])]
-            done = map_workers(lambda chunk: self._chunk([items[i] for i in chunk]), chunks, detector.workers)
-            for chunk, (faces, seconds) in zip(chunks, done, strict=True):
-                for i, new_faces in zip(chunk, faces, strict=True):
-                    out[i].faces = new_faces
-                for stage, spent in seconds.items():
-                    timer.add_seconds(stage, spent)
+            found: dict[int, list[tuple[int, NewFace]]] = {i: [] for i in todo}
+            lock = threading.Lock()
+
+            def cut(chunk: list[int]) -> list[tuple[int, int, DetectedFace, object]]:
+                return self._detect_and_crop([items[i] for i in chunk], chunk, timer, lock)
+
+            def embed(crops: list[tuple[int, int, DetectedFace, object]]) -> None:
+                started = time.perf_counter()
+                vectors = embedder.embed([crop for *_, crop in crops])
+                embedded = time.perf_counter()
+                new = [(i, rank, self._new_face(items[i].image, face, v))
+                       for (i, rank, face, _), v in zip(crops, vectors, strict=True)]
+                with lock:
+                    timer.add_seconds("embed", embedded - started)
+                    timer.add("thumbnail", embedded)
+                    for i, rank, face in new:
+                        found[i].append((rank, face))
+
+            run_two_stages(chunks, cut, embed, embedder.faces_per_pass, detector.workers)
+            for i, faces in found.items():  # most probable first, as the detector ranked them
+                out[i].faces = [face for _, face in sorted(faces, key=lambda pair: pair[0])]
         for fi in out:  # free the pixels as soon as the faces are out
             if fi.read.image is not None:
                 fi.read = replace(fi.read, image=None)
         return out
 
-    def _chunk(self, items: list[ReadItem]) -> tuple[list[list[NewFace]], dict[str, float]]:
-        """Detect, crop, embed and thumbnail the faces of ``items`` (on the calling thread when it is a model
-        worker): the new faces of each item, and the seconds spent per stage."""
-        timer = StageTimer()
+    def _detect_and_crop(self, items: list[ReadItem], where: list[int], timer: StageTimer,
+                         lock: threading.Lock) -> list[tuple[int, int, DetectedFace, object]]:
+        """(item index, rank, face, crop) of every face of ``items`` (``where``: their indices in the batch)."""
+        seconds: dict[str, float] = defaultdict(float)
         started = time.perf_counter()
         spent: dict[str, float] = {}
         detections = self.detector.detect([it.image for it in items], spent)
-        for stage, seconds in spent.items():  # the detection copies' resize, apart from detection itself
-            timer.add_seconds(stage, seconds)
-        timer.add("detect", started + sum(spent.values()))
-        crops, owners = [], []
-        for i, faces in enumerate(detections):
+        seconds["detect"] = time.perf_counter() - started - sum(spent.values())
+        for stage, value in spent.items():  # the detection copies' resize, apart from detection itself
+            seconds[stage] += value
+        crops = []
+        for item, i, faces in zip(items, where, detections, strict=True):
             if not faces:
                 continue
             started = time.perf_counter()
-            source = self.detector.crop_source(items[i].image, faces)  # a full decode when faces are small
-            if source is not items[i].image:
-                timer.add("decode_full", started)
+            source = self.detector.crop_source(item.image, faces)  # a full decode when faces are small
+            if source is not item.image:
+                seconds["decode_full"] += time.perf_counter() - started
             started = time.perf_counter()
-            for face in faces:
-                crops.append(self.detector.crop(source, face))
-                owners.append((i, face))
-            timer.add("crop", started)
-        started = time.perf_counter()
-        vectors = self.embedder.embed(crops) if crops else stack_vectors([])
-        timer.add("embed", started)
-        started = time.perf_counter()
-        new_faces: list[list[NewFace]] = [[] for _ in items]
-        for (i, face), vector in zip(owners, vectors, strict=True):
-            new_faces[i].append(self._new_face(items[i].image, face, vector))
-        timer.add("thumbnail", started)
-        return new_faces, dict(timer.seconds)
+            crops += [(i, rank, face, self.detector.crop(source, face)) for rank, face in enumerate(faces)]
+            seconds["crop"] += time.perf_counter() - started
+        with lock:
+            for stage, value in seconds.items():
+                timer.add_seconds(stage, value)
+        return crops
 
     def _new_face(self, image: DecodedImage, face: DetectedFace, vector: np.ndarray) -> NewFace:
         buf = io.BytesIO()
