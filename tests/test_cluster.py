@@ -345,3 +345,15 @@ def test_lfw_default_identity_method_finds_people(shared_data):
         scores.append(external_scores(truth, labels)["pairwise_f1"])
     assert np.mean(scores) >= 0.975, scores
     assert min(scores) >= 0.85, scores
+
+
+def test_the_library_defaults_are_the_products():
+    """cluster_identities called without settings clusters as `faceindex cluster` does on the built-in defaults."""
+    from indexer.cluster import identity
+    from indexer.config import ClusterSettings
+
+    s = ClusterSettings()
+    assert identity.DEFAULT_THRESHOLD[s.method] == s.threshold
+    assert (identity.DEFAULT_PAIR_MARGIN, identity.DEFAULT_CENTER_MERGE, identity.DEFAULT_CENTER_LEAD,
+            identity.DEFAULT_ATTACH_SIMILARITY) == (s.pair_margin, s.center_merge, s.center_lead,
+                                                     s.attach_similarity)

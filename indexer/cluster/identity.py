@@ -45,14 +45,14 @@ log = logging.getLogger(__name__)
 
 METHODS = CLUSTER_METHODS
 # Tuned on LFW View 1 (dev-train, LFW's tuning set); the sweeps are in benchmarks/results/bench_cluster.txt.
-DEFAULT_THRESHOLD = {"adaptive": 0.53, "agglomerative": 0.55, "threshold": 0.70}
+DEFAULT_THRESHOLD = {"adaptive": 0.55, "agglomerative": 0.55, "threshold": 0.70}
 DEFAULT_PAIR_MARGIN = 0.06
-# This function's own defaults are the method alone (0.53 + 0.06, the recall passes of passes.py off). The product's
-# defaults, config.ClusterSettings, which recluster passes in, are the cross-validated 0.55 + 0.06 with the passes
-# on (merge 0.65, lead 0.15, attach 0.50: README, Clustering).
-DEFAULT_CENTER_MERGE = 0.0  # adaptive's second pass (passes.merge_close_centers): 0 = off
+# The adaptive method's defaults are the product's (config.ClusterSettings, cross-validated: README, Clustering):
+# 0.55 + 0.06, then the recall passes of passes.py, merge 0.65 and attach 0.50, each with a lead of 0.15 over the
+# nearest rival person. tests/test_cluster.py holds the two equal. Pass 0 to turn a pass off.
+DEFAULT_CENTER_MERGE = 0.65  # adaptive's second pass (passes.merge_close_centers): 0 = off
 DEFAULT_CENTER_LEAD = 0.15  # the lead over the nearest rival person both passes ask for
-DEFAULT_ATTACH_SIMILARITY = 0.0  # adaptive's last pass (passes.attach_unassigned): 0 = off
+DEFAULT_ATTACH_SIMILARITY = 0.50  # adaptive's last pass (passes.attach_unassigned): 0 = off
 # A component of m faces needs an m x m float64 condensed distance matrix for exact linkage: 15k faces ~ 0.9 GB.
 EXACT_LINKAGE_MAX = 15_000
 # HDBSCAN here runs on a full N x N distance matrix (8 bytes per pair): 15k faces ~ 1.8 GB.
