@@ -199,7 +199,7 @@ class PackedVectors:
         another, 1.3-1.4 ms announced first (bench_scale re-measures it in the query latency)."""
         fd, size, base = self._file.fileno(), self._row_bytes, self._offset
         offsets = [base + r * size for r in rows.tolist()]
-        if len(offsets) > 1 and self.prefetch:
+        if len(offsets) > 1 and self.prefetch and _FADVISE is not None:
             for offset in offsets:
                 _FADVISE(fd, offset, size, os.POSIX_FADV_WILLNEED)
         raw = b"".join([os.pread(fd, size, offset) for offset in offsets])
