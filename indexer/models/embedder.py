@@ -91,8 +91,11 @@ class FaceEmbedder:
 
     @property
     def faces_per_pass(self) -> int:
-        """Faces in one forward pass: ``batch_size`` rows, a face and its mirror image two of them with flip."""
-        return max(1, self.batch_size // 2) if self.settings.flip else self.batch_size
+        """Faces in one forward pass of ``embed``: ``batch_size`` rows, a face and its mirror two of them with flip."""
+        return self._faces_per_pass(self.settings.flip)
+
+    def _faces_per_pass(self, mirror: bool) -> int:
+        return max(1, self.batch_size // 2) if mirror else self.batch_size
 
     def embed(self, faces: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
         """[N, 3, 160, 160] standardised crops -> float32 [N, 512] unit vectors. With ``embedder.flip`` each row is
@@ -113,7 +116,7 @@ class FaceEmbedder:
         # Even chunks (38 faces at batch size 32 -> 19 + 19, not 32 + 6): a small last chunk runs far below speed.
         # With the mirror, a chunk of n faces is a pass of 2n rows: batch_size keeps bounding the rows of a pass.
         # At least one chunk per worker, when there are faces enough: the workers embed chunks side by side.
-        per_pass = max(1, self.batch_size // 2) if mirror else self.batch_size
+        per_pass = self._faces_per_pass(mirror)
         workers = available_workers(self.workers)  # 1 on a model worker: its faces are its own to embed
         chunks = max(-(-len(faces) // per_pass), min(workers, len(faces)))
         outs = map_workers(lambda r: self._forward(faces[r.start:r.stop], mirror), split(len(faces), chunks),

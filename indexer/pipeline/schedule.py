@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from indexer.models.parallel import map_workers
+from indexer.models.parallel import map_workers, split
 
 J = TypeVar("J")
 T = TypeVar("T")
@@ -50,9 +50,7 @@ class _Work(Generic[J, T]):
                 if self.pending and self.running:
                     return "second", self._take(len(self.pending))
                 if self.pending:  # the last items, which no job can add to: one share a worker
-                    n, parts = len(self.pending), min(self.workers, len(self.pending))
-                    bounds = [n * k // parts for k in range(parts + 1)]
-                    self.ready.extend(self.pending[bounds[k]:bounds[k + 1]] for k in range(parts))
+                    self.ready.extend(self.pending[r.start:r.stop] for r in split(len(self.pending), self.workers))
                     self.pending = []
                     return "second", self.ready.popleft()
                 if self.running == 0:
