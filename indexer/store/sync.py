@@ -98,7 +98,8 @@ class SyncedIndex:
         with self.store.read() as txn:
             seq = self.store.get_meta("seq", 0, txn)
             source = StoreVectors(self.store, txn)
-            # The same question build_from asks: a kind re-ranked from the packed file gets it in the same pass.
+            # Asked here, once, and handed to build_from: a kind re-ranked from the packed file gets it in the same
+            # pass over the store.
             choice = choose_index(len(source), source.dim, exact_max_vectors=self.settings.exact_max_vectors,
                                   target_recall=self.settings.target_recall,
                                   memory_budget_bytes=self.memory_budget_bytes)
@@ -108,7 +109,7 @@ class SyncedIndex:
                 index = VectorIndex.build_from(TeeSource(source, writer) if writer is not None else source,
                                                source.dim, exact_max_vectors=self.settings.exact_max_vectors,
                                                target_recall=self.settings.target_recall,
-                                               memory_budget_bytes=self.memory_budget_bytes)
+                                               memory_budget_bytes=self.memory_budget_bytes, choice=choice)
         written = writer is not None and not writer.failed
         self._attach(index, self._open_packed(index.dim, seq) if written else None)
         self.saved_seq = -1

@@ -116,11 +116,13 @@ class VectorIndex:
     @classmethod
     def build_from(cls, source: VectorSource, dim: int = 512, *, exact_max_vectors: int = EXACT_MAX_VECTORS,
                    target_recall: float = TARGET_RECALL, seed: int = 1234,
-                   memory_budget_bytes: int | None = None) -> VectorIndex:
-        """Build the index ``choose_index`` picks for ``len(source)`` vectors: train the coarse part on seeded
-        samples, then add the vectors chunk by chunk. The source stays attached for re-ranking."""
-        choice = choose_index(len(source), dim, exact_max_vectors=exact_max_vectors, target_recall=target_recall,
-                              memory_budget_bytes=memory_budget_bytes)
+                   memory_budget_bytes: int | None = None, choice: IndexChoice | None = None) -> VectorIndex:
+        """Build the index ``choose_index`` picks for ``len(source)`` vectors (``choice``: that answer, when the
+        caller already asked): train the coarse part on seeded samples, then add the vectors chunk by chunk. The
+        source stays attached for re-ranking."""
+        if choice is None:
+            choice = choose_index(len(source), dim, exact_max_vectors=exact_max_vectors,
+                                  target_recall=target_recall, memory_budget_bytes=memory_budget_bytes)
         coarse = train_coarse(choice, dim, source, seed, TRAIN_ITERATIONS) if choice.key != "Flat" else None
         exact = _new_exact(dim) if choice.key == "Flat" or choice.key.endswith(REFINE_SUFFIX) else None
         out = cls(choice, dim, exact, coarse, exact_max_vectors=exact_max_vectors, target_recall=target_recall,
