@@ -18,6 +18,11 @@ detect, decode_full (a second, full decode for faces too small for the draft-red
 thumbnail, commit, index the main thread's), and face recall against full-resolution MTCNN (faces >= 1% of the long
 side). ``--json`` keys ``camera_faceindex_ips``, ``camera_seed_ips``, ``camera_face_recall``,
 ``camera_stage_seconds``. ``--no-camera`` skips it.
+
+``--camera-sweep 20,18,16`` adds the trade-off behind the camera targets: faceindex on the camera set with each
+``detector.min_face_size`` (px of the 1280 copy), in interleaved rounds, each size's median images/s and its recall
+(``camera_min_face_sweep``). Recall at 1 % of the long side asks for faces of 40 px at 4000 px, 13 px in the copy;
+the default 20 px looks for faces from 62 px.
 """
 
 from __future__ import annotations
@@ -87,7 +92,9 @@ def faceindex_ingest(paths: list[str], detector, embedder, boxes: dict | None = 
     Pipeline.process = measured
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            with FaceIndex(Settings(index_dir=tmp), OpenMode.WRITE, detector=detector, embedder=embedder) as fi:
+            # The readers decode for the detector they feed (its max_side), not for the default settings.
+            settings = Settings(index_dir=tmp, detector=detector.settings)
+            with FaceIndex(settings, OpenMode.WRITE, detector=detector, embedder=embedder) as fi:
                 summary = fi.ingest(paths, progress=False)
                 if boxes is not None:  # path -> face boxes, for the camera workload's recall
                     with fi.store.read() as txn:
@@ -104,15 +111,43 @@ def faceindex_ingest(paths: list[str], detector, embedder, boxes: dict | None = 
             "rss_mb_by_progress": quarters, "peak_rss_mb": round(max(r[1] for r in rss), 1)}
 
 
-def camera(data_root, detector, embedder, smoke: bool) -> dict:
-    """The camera workload: seed loop vs faceindex on 12 MP JPEGs, stage seconds, face recall."""
+def camera(data_root, detector, embedder, smoke: bool, sweep: list[int] | None = None) -> dict:
+    """The camera workload: seed loop vs faceindex on 12 MP JPEGs, stage seconds, face recall; with ``sweep``,
+    also faceindex at each of those minimum face sizes (``min_face_sweep``)."""
     from benchmarks import camera_data
 
-    if smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            files = camera_data.make(data_root, Path(tmp), groups=1, limit=2, long_side=800)
-            return _camera_run(files, camera_data, detector, embedder)
-    return _camera_run(camera_data.make(data_root), camera_data, detector, embedder)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = (camera_data.make(data_root, Path(tmp), groups=1, limit=2, long_side=800) if smoke
+                 else camera_data.make(data_root))
+        result = _camera_run(files, camera_data, detector, embedder)
+        if sweep:
+            result["camera_min_face_sweep"] = min_face_sweep(files, camera_data, detector, embedder, sweep,
+                                                             rounds=1 if smoke else 2)
+    return result
+
+
+def min_face_sweep(files: list[Path], camera_data, detector, embedder, sizes: list[int], rounds: int) -> list[dict]:
+    """faceindex on ``files`` with each minimum face size, the sizes interleaved in ``rounds`` rounds (the machine's
+    drift falls on all of them alike): per size, the median images/s, the recall and the faces found."""
+    from dataclasses import replace
+
+    from indexer.models.detector import FaceDetector
+
+    paths = [str(f) for f in files]
+    reference = camera_data.reference_faces(files)
+    detectors = {m: FaceDetector(replace(detector.settings, min_face_size=m), device=detector.device)
+                 for m in sizes}
+    runs: dict[int, list[dict]] = {m: [] for m in sizes}
+    for _ in range(rounds):
+        for m in sizes:
+            found: dict = {}
+            run = faceindex_ingest(paths, detectors[m], embedder, boxes=found)
+            run["recall"] = camera_data.recall(reference, found)
+            runs[m].append(run)
+    return [{"min_face_size": m, "ips": round(float(np.median([r["ips"] for r in runs[m]])), 3),
+             "ips_runs": [round(r["ips"], 3) for r in runs[m]], "recall": round(runs[m][0]["recall"][0], 4),
+             "found": runs[m][0]["recall"][1], "reference": runs[m][0]["recall"][2],
+             "faces": runs[m][0]["faces"]} for m in sizes]
 
 
 def _camera_run(files: list[Path], camera_data, detector, embedder) -> dict:
@@ -137,8 +172,17 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write <name>.json and <name>.txt into this folder")
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_N} photos on one thread: checks the script runs")
     parser.add_argument("--no-camera", action="store_true", help="skip the camera workload (12 MP JPEGs)")
+    parser.add_argument("--camera-sweep", default="", metavar="SIZES",
+                        help="also run the camera set with each of these detector.min_face_size values, e.g. 20,18,16 "
+                             "(images/s and recall per size, interleaved rounds)")
     args = parser.parse_args()
     n = args.n if args.n is not None else SMOKE_N if args.smoke else FULL_N
+    try:
+        sweep = [int(v) for v in args.camera_sweep.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--camera-sweep wants sizes like 20,18,16, not {args.camera_sweep!r}")
+    if any(v < 12 for v in sweep):
+        parser.error("--camera-sweep: MTCNN looks for faces of 12 px and more")
     root = require_data()
     torch.set_num_threads(SMOKE_THREADS if args.smoke else os.cpu_count() or 1)
     from indexer.models.detector import FaceDetector
@@ -154,7 +198,7 @@ def main() -> None:
               "rss_mb_by_progress": ours["rss_mb_by_progress"], "stage_seconds": ours["stages"],
               **({"smoke": True} if args.smoke else {})}
     if not args.no_camera:
-        result.update(camera(root, detector, embedder, args.smoke))
+        result.update(camera(root, detector, embedder, args.smoke, sweep))
     rec = Recorder(args.out, "bench_ingest")
     if rec.json(result, args.json):
         return
@@ -179,6 +223,10 @@ def main() -> None:
                   f"{result['camera_reference_faces']})")
         rec.print(f"  stage seconds (summed over reader threads and model workers, as above): "
                   f"{result['camera_stage_seconds']}")
+        for row in result.get("camera_min_face_sweep", []):
+            rec.print(f"  min_face_size {row['min_face_size']:3d} px: {row['ips']:6.3f} images/s "
+                      f"(runs {row['ips_runs']}), recall {row['recall']:.4f} ({row['found']} of {row['reference']}), "
+                      f"{row['faces']} faces")
 
     rec.close()
 

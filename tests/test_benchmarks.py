@@ -57,10 +57,11 @@ def test_help_from_another_folder(script: Path, tmp_path: Path) -> None:
     assert "usage:" in proc.stdout and "--json" in proc.stdout and "--smoke" in proc.stdout
 
 
-def smoke_run(name: str, env: dict[str, str] | None = None, labelled: bool = True) -> dict:
+def smoke_run(name: str, env: dict[str, str] | None = None, labelled: bool = True, args: tuple[str, ...] = ()) -> dict:
     """``python benchmarks/<name>.py --smoke --json`` from the repository root, as the README runs it; its JSON."""
     recorded = {p: p.stat().st_mtime_ns for p in RESULTS.glob(f"{name}.*")}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke", "--json"], cwd=REPO,
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke", "--json", *args],
+                          cwd=REPO,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name} --smoke exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     # A smoke run must never replace the recorded figures (bench_query writes there by default on full runs).
@@ -78,6 +79,17 @@ def smoke_run(name: str, env: dict[str, str] | None = None, labelled: bool = Tru
 @pytest.mark.parametrize("name", sorted(NEEDS_LFW - {"bench_models", "bench_cluster", "bench_scale"}))
 def test_smoke_run(name: str, shared_data: Path) -> None:
     smoke_run(name, {"FACEINDEX_DATA": str(shared_data)})
+
+
+@pytest.mark.lfw
+@pytest.mark.slow
+def test_smoke_bench_ingest_min_face_sweep(shared_data: Path) -> None:
+    result = smoke_run("bench_ingest", {"FACEINDEX_DATA": str(shared_data)}, args=("--camera-sweep", "20,16"))
+    sweep = result["camera_min_face_sweep"]
+    assert [row["min_face_size"] for row in sweep] == [20, 16]
+    for row in sweep:  # the same reference faces for every size; a size finds at most all of them
+        assert row["reference"] == result["camera_reference_faces"] and 0 <= row["found"] <= row["reference"]
+        assert row["ips"] > 0 and len(row["ips_runs"]) == 1
 
 
 @pytest.mark.lfw
