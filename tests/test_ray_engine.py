@@ -245,6 +245,8 @@ def test_ray_gives_the_faces_of_the_single_machine_ingest(ray_address, lfw_photo
     with FaceIndex(settings_for(index), OpenMode.WRITE) as fi:
         run = fi.ingest_ray([lfw_photos], progress=False)
     assert (run.shards, run.shard_size, run.pool.actors) == (4, 64, 1)  # choose_shard_size's row for 239 files
+    # The workers' stage seconds include their reader threads' (read + hash, decode), as a local ingest's do.
+    assert {"read", "decode", "detect", "embed", "merge"} <= set(run.summary.stages), run.summary.stages
     assert_same_faces(faces_of(index, lfw_photos), local_reference)
     assert consistency(index)["_faces"] == sum(len(f) for _, _, f in local_reference.values())
     assert not any((index / "staging").iterdir()) and _shard_keys(index) == 0

@@ -100,6 +100,9 @@ class ShardWorker:
             started = time.perf_counter()
             items = self.read_ahead.take(batch)
             timer.add("read_wait", started)
+            for item in items:  # the reader threads' own time (read + hash, decode, resize), as a local ingest adds
+                for stage, seconds in item.seconds:
+                    timer.add_seconds(stage, seconds)
             self.read_ahead.ahead(batches[n + 1] if n + 1 < len(batches) else [])
             out += faces_or_failures(self.faces, dedupe_batch(items), timer)
         return out
