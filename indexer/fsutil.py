@@ -1,4 +1,5 @@
-"""Files that are either wholly there or not at all: the one atomic writer every module uses.
+"""Files that are either wholly there or not at all: the one atomic writer every module uses, and the checksum
+their headers carry (``header_digest``).
 
 A temp file in the destination's folder (same filesystem, so the rename is atomic), written and fsynced, then
 ``os.replace``d over the destination, then the folder fsynced so the rename itself survives a power cut. A crash at
@@ -7,12 +8,14 @@ any point leaves the old file or the new one, never a mix; the temp file is remo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 PRIVATE_FILE = 0o600  # index files are the user's own: nobody else on the machine reads their faces
 PRIVATE_DIR = 0o700
@@ -72,3 +75,12 @@ def leftover_temp_files(path: str | os.PathLike[str]) -> list[Path]:
     """Temp files a crash inside ``atomic_writer(path)`` may have left beside ``path``."""
     path = Path(path)
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def header_digest(fields: dict[str, Any], *payload: Any) -> str:
+    """sha256 over a file header's fields (canonical JSON, so a damaged field is caught too), then the payload
+    (arrays or other buffers, their bytes as they lie in memory)."""
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    for part in payload:
+        h.update(memoryview(part))
+    return h.hexdigest()

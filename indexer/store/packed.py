@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import IndexFileError
-from indexer.fsutil import atomic_writer
+from indexer.fsutil import atomic_writer, header_digest
 from indexer.store.compressed import CHUNK_VECTORS, VectorSource, sample_positions
 
 # Not on every platform (macOS has no posix_fadvise): there the reads just go one after another.
@@ -124,7 +124,7 @@ class PackedWriter:
         fields = {"format": FORMAT_VERSION, "dtype": "float16", "dim": self.dim, "n": n, "seq": self.seq,
                   "model": self.model, "vectors_offset": HEADER_BYTES, "ids_offset": HEADER_BYTES + 2 * n * self.dim,
                   "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
-        header = json.dumps({**fields, "sha256": _digest(fields)}, sort_keys=True).encode()
+        header = json.dumps({**fields, "sha256": header_digest(fields)}, sort_keys=True).encode()
         if len(MAGIC) + _LEN.size + len(header) > HEADER_BYTES:
             raise ValueError("packed header too long")   # a model name of kilobytes: a bug
         self._fh.seek(0)
@@ -314,7 +314,7 @@ def _parse_header(path: Path, head: bytes, size: int, dim: int) -> dict:
             raise ValueError(f"header length {length}")
         header = json.loads(head[start:start + length])
         digest = header.pop("sha256")
-        if digest != _digest(header):
+        if digest != header_digest(header):
             raise ValueError("header sha256 does not match")
         n, ids_offset = int(header["n"]), int(header["ids_offset"])
         int(header["seq"])
@@ -329,5 +329,3 @@ def _parse_header(path: Path, head: bytes, size: int, dim: int) -> dict:
     return header
 
 
-def _digest(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

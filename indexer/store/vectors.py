@@ -25,7 +25,6 @@ fields (canonical JSON) and the payload, so damage anywhere past the magic is ca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import threading
@@ -40,7 +39,7 @@ import numpy as np
 
 from indexer import faults
 from indexer.errors import IndexFileError
-from indexer.fsutil import atomic_writer
+from indexer.fsutil import atomic_writer, header_digest
 from indexer.store.choose import (
     EXACT_MAX_VECTORS,
     STORE_RERANK,
@@ -236,7 +235,7 @@ class VectorIndex:
             "memory_budget_bytes": self.memory_budget_bytes,
             "parts": {"exact": len(exact), "coarse": len(coarse)},
         }
-        header = json.dumps({**fields, "sha256": _digest(fields, exact, coarse)}, sort_keys=True).encode()
+        header = json.dumps({**fields, "sha256": header_digest(fields, exact, coarse)}, sort_keys=True).encode()
         # The temp file is ``.<name>.*.tmp`` beside ``path``: the library deletes such leftovers of a crash on open.
         with atomic_writer(path) as f:
             f.write(MAGIC)
@@ -276,7 +275,7 @@ class VectorIndex:
         if len(payload) != sum(sizes) or min(sizes) < 0:
             raise IndexFileError(f"{path} is truncated or damaged: payload {len(payload)} bytes, expected {sum(sizes)}")
         exact_bytes, coarse_bytes = payload[:sizes[0]], payload[sizes[0]:]
-        if _digest(header, exact_bytes, coarse_bytes) != digest:
+        if header_digest(header, exact_bytes, coarse_bytes) != digest:
             raise IndexFileError(f"{path} is damaged: sha256 does not match")
         try:
             exact = faiss.deserialize_index(exact_bytes) if sizes[0] else None
@@ -333,14 +332,6 @@ def _omp_threads(n: int) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-def _digest(fields: dict[str, Any], *payload: np.ndarray) -> str:
-    """sha256 over the header fields (canonical JSON, so a damaged meta or n is caught too), then the payload."""
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-    for part in payload:
-        h.update(memoryview(part))
-    return h.hexdigest()
 
 
 def _as_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
