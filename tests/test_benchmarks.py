@@ -58,11 +58,11 @@ def test_help_from_another_folder(script: Path, tmp_path: Path) -> None:
 
 
 def smoke_run(name: str, env: dict[str, str] | None = None, labelled: bool = True, args: tuple[str, ...] = ()) -> dict:
-    """``python benchmarks/<name>.py --smoke --json`` from the repository root, as the README runs it; its JSON."""
+    """``python benchmarks/<name>.py --smoke --json [args]`` from the repository root, as the README runs it; its
+    JSON."""
     recorded = {p: p.stat().st_mtime_ns for p in RESULTS.glob(f"{name}.*")}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke", "--json", *args],
-                          cwd=REPO,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name} --smoke exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     # A smoke run must never replace the recorded figures (bench_query writes there by default on full runs).
     assert {p: p.stat().st_mtime_ns for p in RESULTS.glob(f"{name}.*")} == recorded

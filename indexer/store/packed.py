@@ -327,5 +327,3 @@ def _parse_header(path: Path, head: bytes, size: int, dim: int) -> dict:
             or size != ids_offset + 8 * n:
         raise IndexFileError(f"{path} is truncated or damaged: {size} bytes for {n} vectors of {dim}")
     return header
-
-
