@@ -145,8 +145,8 @@ class PackedVectors:
         # Closed when the last reference goes (a search in flight keeps it open across a swap to a newer file).
         self._file = open(path, "rb", buffering=0)   # noqa: SIM115
         self.prefetch = _FADVISE is not None   # announce a query's rows before reading them (see read_rows)
-        if hasattr(os, "posix_fadvise"):   # candidates are scattered: read-ahead would read neighbours for nothing
-            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        if _FADVISE is not None:   # candidates are scattered: read-ahead would read neighbours for nothing
+            _FADVISE(self._file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
 
     @classmethod
     def open(cls, path: str | Path, dim: int, fallback: VectorSource | None = None) -> PackedVectors | None:
