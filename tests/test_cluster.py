@@ -195,7 +195,7 @@ def test_assign_to_centers_thresholds_and_maps_ids():
     assert sims[0] == pytest.approx(1 / np.sqrt(1.01), abs=1e-5)
     # Rows that are not unit are normalised first: scale must not change a cosine.
     _, scaled_sims = assign_to_centers(3.0 * faces, 2.0 * e[:2], 0.9)
-    np.testing.assert_allclose(scaled_sims, sims, atol=1e-6)
+    np.testing.assert_allclose(scaled_sims, sims, atol=1e-5)  # float32 rounding on any CPU
     labels, _ = assign_to_centers(faces, e[:2], 0.0, ids=np.array([40, 41]))
     np.testing.assert_array_equal(labels[:2], [40, 41])
     empty, _ = assign_to_centers(faces, np.zeros((0, 512), np.float32), 0.5)

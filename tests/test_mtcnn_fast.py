@@ -1,8 +1,13 @@
 """The CPU detector's replacements for facenet-pytorch's hot spots give facenet-pytorch's numbers.
 
-Pooling, cropping and the pyramid's resizes are bit-identical; whole detection finds the same faces with equal
-boxes, probabilities and landmarks to float32 rounding (channels-last weights, the fused PNet heads and padded
-RNet/ONet batches round the last bits differently).
+Pooling, cropping and the pyramid's resizes are bit-identical on any CPU, and the tests say so with torch.equal: a
+maximum, one multiplication (PReLU) and area means of whole-number pixel sums (exact in float32, then one division)
+round the same way whatever the kernels. Whole detection finds the same faces with equal boxes, probabilities and
+landmarks to float32 rounding: channels-last weights, the fused PNet heads and padded RNet/ONet batches sum in
+another order, and how much that moves the last bits depends on the CPU's kernels. Tolerances are set for any CPU:
+on this repository's Intel CPUs the largest differences were 1.2e-4 px (boxes, landmarks) and 3.6e-7
+(probabilities), an AMD EPYC gave 1.8e-6 on a probability (it failed the old 1e-6); the tests allow 1e-2 px and
+1e-5, which no real change of detection stays within.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from facenet_pytorch import MTCNN
-from facenet_pytorch.models.utils.detect_face import imresample
 from PIL import Image
 from torch import nn
 
+from indexer.models.facenet_api import helper
 from indexer.models.mtcnn_fast import (
     CeilMaxPool2d,
     FastPNet,
@@ -29,6 +34,8 @@ from indexer.models.mtcnn_fast import (
     pyramid_level,
 )
 from tests.conftest import SAMPLES
+
+imresample = helper("imresample")
 
 
 @pytest.mark.parametrize("kernel", [2, 3])
@@ -110,8 +117,8 @@ def test_fast_pnet_gives_pnets_regression_and_face_probability():
         fast, _, _ = prepare_nets(pnet, MTCNN().rnet, MTCNN().onet)
         assert isinstance(fast, FastPNet)
         reg, face = fast(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(reg, want_reg, rtol=0, atol=1e-5)
-    torch.testing.assert_close(face, want_prob[:, 1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(reg, want_reg, rtol=0, atol=1e-5)  # measured here: 2.1e-7 (20 shapes)
+    torch.testing.assert_close(face, want_prob[:, 1], rtol=0, atol=1e-5)  # 1.2e-7 here, 1.8e-6 on an AMD EPYC
 
 
 def _photos(paths, shape=None) -> list[np.ndarray]:
@@ -135,9 +142,9 @@ def _compare(batches: list[np.ndarray]) -> int:
                 assert len(got_boxes) == 0
                 continue
             assert got_boxes.shape == (len(want_boxes), 5)
-            np.testing.assert_allclose(got_boxes[:, :4], np.asarray(want_boxes, np.float32), rtol=0, atol=1e-3)
-            np.testing.assert_allclose(got_boxes[:, 4], np.asarray(want_probs, np.float32), rtol=0, atol=1e-6)
-            np.testing.assert_allclose(got_points, np.asarray(want_points, np.float32), rtol=0, atol=1e-3)
+            np.testing.assert_allclose(got_boxes[:, :4], np.asarray(want_boxes, np.float32), rtol=0, atol=1e-2)
+            np.testing.assert_allclose(got_boxes[:, 4], np.asarray(want_probs, np.float32), rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got_points, np.asarray(want_points, np.float32), rtol=0, atol=1e-2)
             faces += len(got_boxes)
     return faces
 

@@ -221,11 +221,18 @@ def models_import(force: bool, as_json: bool) -> None:
 @models.command("verify")
 @json_option
 def models_verify(as_json: bool) -> None:
-    """Embed bundled face crops with torch and with OpenCV DNN on the same graph; print the minimum cosine."""
+    """Check the converted weights: their sha256 against the pinned one, their embeddings of bundled face crops
+    against the original graph's (recorded golden embeddings); print both."""
     from indexer.models.verify import verify_conversion
 
     result = verify_conversion()
-    emit(result, as_json, lambda r: f"{r['faces']} faces: min cosine torch vs OpenCV = {r['min_cosine']:.7f} "
-                                    f"({'OK' if r['ok'] else 'FAILED'}, need >= {r['threshold']})")
+    emit(result, as_json, _verify_text)
     if not result["ok"]:
         sys.exit(1)
+
+
+def _verify_text(r: dict) -> str:
+    pinned = "the pinned one" if r["digest_ok"] else f"NOT the pinned {r['pinned_sha256']}"
+    return (f"{r['fingerprint']}  sha256 {r['sha256']} ({pinned})\n"
+            f"{r['faces']} faces: min cosine torch vs the original graph = {r['min_cosine']:.7f} "
+            f"(need >= {r['threshold']})\n{'OK' if r['ok'] else 'FAILED'}")

@@ -25,13 +25,17 @@ __all__ = ["CLUSTER_METHODS", "EngineOptions", "FaceIndexGroup", "emit", "engine
 
 
 class FaceIndexGroup(click.Group):
-    """Turns library errors raised anywhere below into one line on stderr and exit status 1."""
+    """Turns library errors (and a missing package) raised anywhere below into one line on stderr, exit status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FaceIndexError as exc:
             raise click.ClickException(str(exc)) from None
+        except ModuleNotFoundError as exc:  # an environment short of a package: one line, never a traceback
+            raise click.ClickException(
+                f"the Python package {exc.name or exc} is not installed here; run `make install` "
+                "(or `pip install -c requirements.lock -e .`) in faceindex's folder") from None
 
 
 def index_options(fn: Callable) -> Callable:

