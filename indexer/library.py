@@ -275,7 +275,7 @@ class FaceIndex:
 
     def status(self) -> dict[str, Any]:
         from indexer.persons.state import load_clustering
-        from indexer.store import integrity
+        from indexer.store.check import scan
 
         counts = self.store.counts()
         index = self.vectors
@@ -291,7 +291,7 @@ class FaceIndex:
             "daemon": daemon_status(self.dir),
             "store_bytes": self.store.disk_bytes(),
             "failures": counts["failures"],
-            "damaged": integrity.check(self.store),
+            "damaged": scan(self.store),
         }
 
 

@@ -4,19 +4,16 @@ LMDB keeps its own structure consistent (copy-on-write pages, atomic commits), b
 in some version, a tool that wrote into the store, a bad sector under an old record. One such value must cost its own
 face, not every command that walks the faces (a msgpack error in ``iter_faces`` would stop people, report and
 recluster alike). So face records that do not decode, vectors of the wrong length and thumbnails that are not whole
-JPEGs are left out where they are read, each reported once per process, and ``check`` counts them for ``status``.
+JPEGs are left out where they are read, each reported once per process, and ``check.scan`` counts them for
+``status``. The checks here are pure (bytes in, verdict out), so the store's own module can use them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
 
 from indexer.embedding import EMBEDDING_DIM
 from indexer.store.records import FaceRecord, from_u64, unpack
-
-if TYPE_CHECKING:
-    from indexer.store.lmdb_store import FaceStore
 
 log = logging.getLogger("faceindex.store")
 VECTOR_BYTES = EMBEDDING_DIM * 4
@@ -49,28 +46,3 @@ def vector_ok(key: bytes, raw: bytes) -> bool:
 def thumbnail_ok(raw: bytes | memoryview) -> bool:
     """A whole JPEG: start-of-image and end-of-image markers (the cheap check; decoding them all would not be)."""
     return len(raw) > 4 and bytes(raw[:2]) == b"\xff\xd8" and bytes(raw[-2:]) == b"\xff\xd9"
-
-
-def check(store: FaceStore) -> dict[str, Any]:
-    """Count damaged face records, vectors and thumbnails (and name a few face ids) for ``status``."""
-    damaged = {"faces": 0, "vectors": 0, "thumbnails": 0}
-    examples: list[int] = []
-
-    def bad(kind: str, key: bytes) -> None:
-        damaged[kind] += 1
-        if len(examples) < 10:
-            examples.append(from_u64(key) if len(key) == 8 else -1)
-
-    with store.read() as txn:
-        for key, raw in txn.cursor(db=store.db["faces"]):
-            try:
-                FaceRecord(**unpack(raw))
-            except Exception:
-                bad("faces", key)
-        for key, raw in txn.cursor(db=store.db["vectors"]):
-            if len(raw) != VECTOR_BYTES:
-                bad("vectors", key)
-        for key, raw in txn.cursor(db=store.db["thumbs"]):
-            if raw and not thumbnail_ok(raw):
-                bad("thumbnails", key)
-    return {**damaged, "face_ids": examples}
