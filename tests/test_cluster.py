@@ -17,7 +17,7 @@ from indexer.cluster import (
     match_ids,
     purity,
 )
-from indexer.cluster.identity import average_linkage_forest, renumber
+from indexer.cluster.identity import adaptive_labels, average_linkage_forest, renumber, split_component
 from indexer.cluster.kmeans import kmeanspp_seeds
 from indexer.errors import ClusteringError
 
@@ -155,15 +155,27 @@ def test_adaptive_asks_more_of_a_single_pair_than_of_big_clusters():
     assert len(set(labels.tolist())) == 1 and labels[0] == 0
 
 
-def test_linkage_forest_on_graph_matches_exact_for_separated_people():
-    x, truth, _ = blobs(people=4, per_person=6)
+def test_a_component_too_big_for_exact_linkage_is_cut_and_the_center_pass_joins_it_again():
+    x, truth, _ = blobs(people=4, per_person=12)
     exact = average_linkage_forest(x, 0.5)
-    approx = average_linkage_forest(x, 0.5, exact_max=3)   # every component goes through the graph path
-    assert approx.approximate == len(x) and exact.approximate == 0
-    for forest in (exact, approx):
-        assert external_scores(truth, renumber(forest.cut(0.5), 2))["pairwise_f1"] == 1.0
+    cut = average_linkage_forest(x, 0.5, exact_max=5)   # every person's component is cut into pieces of <= 5
+    assert cut.split == len(x) and exact.split == 0
+    assert external_scores(truth, renumber(exact.cut(0.5), 2))["pairwise_f1"] == 1.0
+    pieces = renumber(cut.cut(0.5), 1)
+    assert np.bincount(pieces).max() <= 5 and len(set(pieces.tolist())) > 4   # pieces only, nothing across them
+    joined = adaptive_labels(x, cut, 0.5, 0.0, center_merge=0.6, center_lead=0.1, attach_similarity=0.5)
+    assert external_scores(truth, joined)["pairwise_f1"] == 1.0
     with pytest.raises(ClusteringError, match="built for thresholds >= 0.50"):
         exact.cut(0.4)
+
+
+def test_split_component_keeps_every_row_once_in_pieces_of_at_most_cap():
+    x, _, _ = blobs(people=3, per_person=40)
+    x = np.vstack([x, np.repeat(x[:1], 30, axis=0)])     # 30 copies of one face: K-Means cannot tell them apart
+    members = np.arange(len(x))
+    pieces = split_component(x, members, 16)
+    assert all(len(p) <= 16 for p in pieces)
+    assert np.array_equal(np.sort(np.concatenate(pieces)), members)
 
 
 def test_kmeanspp_seeds_spread_over_identities():

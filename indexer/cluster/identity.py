@@ -5,13 +5,15 @@ Methods (all take cosine thresholds, since rows are unit vectors and cosine is t
   cluster, so it is poor at identities (on LFW, with k = number of people, pairwise F1 is < 0.1).
 - ``threshold``: connected components of the k-NN graph with cosine >= threshold (single linkage). One wrong
   edge chains two people together, so big clusters swallow others.
-- ``agglomerative``: average linkage cut at cosine >= threshold. Exact, via a decomposition: two clusters can only
-  be merged when their mean pairwise cosine is >= threshold, which needs at least one pair >= threshold, so every
-  average-linkage cluster lies inside one single-linkage component at the same threshold. Those components come
-  from an exact FAISS range search (all pairs with cosine >= threshold) and each is clustered on its own, which
-  keeps the O(m^2) time and memory of linkage to the size m of a component instead of N. A component larger than
-  ``EXACT_LINKAGE_MAX`` faces is clustered with linkage restricted to its range-search edges (scikit-learn's
-  connectivity-constrained linkage: memory O(edges)), an approximation that is logged.
+- ``agglomerative``: average linkage cut at cosine >= threshold, via a decomposition: two clusters can only be
+  merged when their mean pairwise cosine is >= threshold, which needs at least one pair >= threshold, so every
+  average-linkage cluster lies inside one single-linkage component at the same threshold. The components come from
+  the k-nearest-neighbour graph (``KNN_NEIGHBORS`` per face, ``neighbors.search``: exact on small sets, an inverted
+  file above; memory O(N k), never all pairs), keeping edges with cosine >= threshold, and each is clustered on its
+  own with exact average linkage over all its pairs (O(m^2) in the size m of the component only). A component larger
+  than ``EXACT_LINKAGE_MAX`` faces (a person with thousands of photos, or look-alikes chained together) is first cut
+  into pieces of at most that size by spherical K-Means, each piece clustered exactly; the adaptive method's
+  center pass joins the pieces of one person again (logged).
 - ``adaptive`` (the recommended default): the same average-linkage tree, cut with a size-aware test, merge
   cosine >= threshold + pair_margin / sqrt(a * b) for clusters of a and b faces. A merge judged on one pair of
   photos must clear a higher bar than one judged on the mean of many pairs. On LFW this keeps strangers with one
@@ -29,13 +31,14 @@ Labels are renumbered 0..C-1 by decreasing cluster size.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from indexer.cluster import neighbors
 from indexer.cluster.kmeans import as_unit_matrix, check_k, fit_kmeans, nearest_center
 from indexer.cluster.passes import attach_unassigned, merge_close_centers
 from indexer.config import CLUSTER_METHODS
@@ -53,8 +56,9 @@ DEFAULT_PAIR_MARGIN = 0.06
 DEFAULT_CENTER_MERGE = 0.65  # adaptive's second pass (passes.merge_close_centers): 0 = off
 DEFAULT_CENTER_LEAD = 0.15  # the lead over the nearest rival person both passes ask for
 DEFAULT_ATTACH_SIMILARITY = 0.50  # adaptive's last pass (passes.attach_unassigned): 0 = off
-# A component of m faces needs an m x m float64 condensed distance matrix for exact linkage: 15k faces ~ 0.9 GB.
-EXACT_LINKAGE_MAX = 15_000
+# A component of m faces needs the m (m - 1) / 2 float64 condensed distances for exact linkage, and scipy's average
+# linkage works on a copy: 10k faces ~ 0.8 GB at the peak. Larger components are cut into pieces first.
+EXACT_LINKAGE_MAX = 10_000
 # HDBSCAN here runs on a full N x N distance matrix (8 bytes per pair): 15k faces ~ 1.8 GB.
 HDBSCAN_MAX = 15_000
 KNN_NEIGHBORS = 32
@@ -79,44 +83,30 @@ def renumber(labels: np.ndarray, min_cluster_size: int = 1) -> np.ndarray:
     return out
 
 
-def knn_graph(x: np.ndarray, neighbors: int = KNN_NEIGHBORS) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours by cosine, self excluded: (similarities [N, k], indices [N, k])."""
-    n = x.shape[0]
-    k = min(neighbors, n - 1)
-    if k < 1:
-        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    sims, idx = index.search(x, k + 1)
-    # Drop each row's own entry (duplicates may outrank it, so remove by identity, not by position 0).
-    own = idx == np.arange(n)[:, None]
-    keep = ~own
-    drop_last = keep.sum(axis=1) > k   # rows where self was not among the first k+1: drop the weakest instead
-    keep[drop_last, -1] = False
-    return sims[keep].reshape(n, k), idx[keep].reshape(n, k).astype(np.int64)
+def knn_graph(x: np.ndarray, k: int = KNN_NEIGHBORS) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest neighbours by cosine, self excluded: (similarities [N, k], indices [N, k]; -1 = none found).
+    Exact on small sets, an inverted file above (``neighbors.plan_search``); similarities are always exact."""
+    plan = neighbors.plan_search(x.shape[0], x.shape[0], x.shape[1])
+    if plan.kind != "exact":
+        log.info("k-nearest-neighbour graph of %d faces: %s", x.shape[0], plan.reason)
+    return neighbors.search(x, None, k, plan=plan)
 
 
-def similarity_graph(x: np.ndarray, threshold: float) -> csr_matrix:
-    """Sparse symmetric graph of every pair with cosine >= ``threshold`` (exact FAISS range search), self excluded."""
+def similarity_graph(x: np.ndarray, threshold: float, k: int = KNN_NEIGHBORS) -> csr_matrix:
+    """Sparse symmetric graph of each face's k nearest neighbours with cosine >= ``threshold``, self excluded
+    (memory O(N k))."""
     n = x.shape[0]
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    lims, _, idx = index.range_search(x, float(threshold))
-    rows = np.repeat(np.arange(n), np.diff(lims.astype(np.int64)))
-    off = rows != idx
+    sims, idx = knn_graph(x, k)
+    mask = (sims >= threshold) & (idx >= 0)
+    rows = np.repeat(np.arange(n), sims.shape[1])[mask.ravel()]
     # Structure only (weight 1): a cosine of exactly 0 would otherwise vanish as a sparse zero.
-    graph = coo_matrix((np.ones(int(off.sum()), np.int8), (rows[off], idx[off])), shape=(n, n)).tocsr()
+    graph = coo_matrix((np.ones(int(mask.sum()), np.int8), (rows, idx[mask])), shape=(n, n)).tocsr()
     return graph.maximum(graph.T)
 
 
-def threshold_components(x: np.ndarray, threshold: float, neighbors: int = KNN_NEIGHBORS) -> np.ndarray:
+def threshold_components(x: np.ndarray, threshold: float, k: int = KNN_NEIGHBORS) -> np.ndarray:
     """Connected components of the k-NN graph keeping edges with cosine >= threshold (labels, not renumbered)."""
-    n = x.shape[0]
-    sims, idx = knn_graph(x, neighbors)
-    mask = sims >= threshold
-    rows = np.repeat(np.arange(n), sims.shape[1])[mask.ravel()]
-    graph = coo_matrix((np.ones(int(mask.sum()), np.int8), (rows, idx[mask])), shape=(n, n))
-    return connected_components(graph, directed=False)[1].astype(np.int64)
+    return connected_components(similarity_graph(x, threshold, k), directed=False)[1].astype(np.int64)
 
 
 def _condensed_cosine(x: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -145,15 +135,23 @@ def _tree_exact(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tree[:, :2].astype(np.int64), 1.0 - tree[:, 2]
 
 
-def _tree_on_graph(x: np.ndarray, graph: csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Like ``_tree_exact`` but only pairs joined in ``graph`` count (memory O(edges), an approximation)."""
-    from sklearn.cluster import AgglomerativeClustering
-
-    # n_clusters=1 with the full tree: every merge of the (connected) component, to be cut by LinkageForest.cut.
-    model = AgglomerativeClustering(n_clusters=1, metric="cosine", linkage="average", connectivity=graph,
-                                    compute_full_tree=True, compute_distances=True)
-    model.fit(x)
-    return model.children_.astype(np.int64), 1.0 - model.distances_
+def split_component(x: np.ndarray, members: np.ndarray, cap: int, seed: int = 1234) -> list[np.ndarray]:
+    """``members`` (rows of ``x``) cut into pieces of at most ``cap`` rows by spherical K-Means (recursively where a
+    piece is still too large; rows K-Means cannot tell apart, such as copies of one photo, are cut in order)."""
+    if len(members) <= cap:
+        return [members]
+    k = max(2, math.ceil(2 * len(members) / cap))
+    labels = fit_kmeans(x[members], k, seed=seed).labels
+    pieces: list[np.ndarray] = []
+    for j in range(k):
+        part = members[labels == j]
+        if len(part) == 0:
+            continue
+        if len(part) < len(members):
+            pieces += split_component(x, part, cap, seed)
+        else:
+            pieces += np.array_split(part, math.ceil(len(part) / cap))
+    return pieces
 
 
 @dataclass(frozen=True)
@@ -168,7 +166,7 @@ class LinkageForest:
     floor: float
     children: np.ndarray    # int64 [M, 2]
     similarity: np.ndarray  # float64 [M], average cosine between the two merged clusters
-    approximate: int        # faces in components too large for exact linkage
+    split: int              # faces in components larger than exact linkage takes, cut into pieces first
 
     def cut(self, threshold: float, pair_margin: float = 0.0) -> np.ndarray:
         """Labels (not renumbered) of the maximal subtrees whose merges all pass the size-aware test.
@@ -198,7 +196,8 @@ class LinkageForest:
         return label[:n].copy()
 
 
-def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXACT_LINKAGE_MAX) -> LinkageForest:
+def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXACT_LINKAGE_MAX,
+                           seed: int = 1234) -> LinkageForest:
     """Build the average-linkage forest of unit rows ``x`` for cuts at cosine >= ``floor``."""
     n = x.shape[0]
     graph = similarity_graph(x, floor)
@@ -206,26 +205,29 @@ def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXAC
     order = np.argsort(comp, kind="stable")
     bounds = np.flatnonzero(np.diff(comp[order])) + 1
     children, sims = [], []
-    next_node, approximate = n, 0
+    next_node, split = n, 0
     for members in np.split(order, bounds):
-        m = len(members)
-        if m < 2:
-            continue
-        if m <= exact_max:
-            local, sim = _tree_exact(x[members])
+        if len(members) > exact_max:
+            pieces = split_component(x, members, exact_max, seed)
+            log.warning("average linkage: a component of %d faces exceeds %d; cut into %d pieces by K-Means, each "
+                        "linked exactly (the center pass joins one person's pieces again)", len(members), exact_max,
+                        len(pieces))
+            split += len(members)
         else:
-            log.warning("average linkage: a component of %d faces exceeds %d; linkage restricted to pairs with "
-                        "cosine >= %.2f (approximate)", m, exact_max, floor)
-            approximate += m
-            local, sim = _tree_on_graph(x[members], graph[members][:, members])
-        # Local ids: leaves 0..m-1 are members; internal m + j becomes the next free global node.
-        glob = np.concatenate([members, next_node + np.arange(m - 1)])
-        children.append(glob[local])
-        sims.append(sim)
-        next_node += m - 1
+            pieces = [members]
+        for piece in pieces:
+            m = len(piece)
+            if m < 2:
+                continue
+            local, sim = _tree_exact(x[piece])
+            # Local ids: leaves 0..m-1 are the piece's rows; internal m + j becomes the next free global node.
+            glob = np.concatenate([piece, next_node + np.arange(m - 1)])
+            children.append(glob[local])
+            sims.append(sim)
+            next_node += m - 1
     if children:
-        return LinkageForest(n, floor, np.concatenate(children), np.concatenate(sims), approximate)
-    return LinkageForest(n, floor, np.zeros((0, 2), np.int64), np.zeros(0), approximate)
+        return LinkageForest(n, floor, np.concatenate(children), np.concatenate(sims), split)
+    return LinkageForest(n, floor, np.zeros((0, 2), np.int64), np.zeros(0), split)
 
 
 def hdbscan_labels(x: np.ndarray, min_cluster_size: int) -> np.ndarray:

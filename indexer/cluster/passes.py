@@ -10,17 +10,18 @@ strangers) apart. Parameters: ``benchmarks/cluster_cv.py``; figures: README, "Pa
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from indexer.cluster.kmeans import as_unit_matrix
+from indexer.cluster.neighbors import search
 from indexer.errors import ClusteringError
 
 # Candidates searched per center / face for the nearest rival; the merge pass repeats at most this many rounds.
 RIVAL_NEIGHBORS = 32
 MERGE_ROUNDS = 10
+CENTER_BLOCK = 65_536   # rows summed at once into the centers (a 256 MB float64 block at 512-d)
 
 
 def nearest_and_rival(queries: np.ndarray, centers: np.ndarray, same_below: float | None,
@@ -32,31 +33,29 @@ def nearest_and_rival(queries: np.ndarray, centers: np.ndarray, same_below: floa
     is below ``same_below`` (None: every other center is a rival). Centers closer than that to the nearest one may be
     more pieces of the same person (George W Bush in 4 clusters): they must not hide a clear lead. When
     ``queries_are_centers``, query i is center i and is left out of its own candidates. The search keeps
-    ``neighbors`` candidates (FAISS, memory O(queries x neighbors)); when all of them are near the nearest center, the
-    last one's cosine stands in for the rival (an upper bound: fewer merges, never more). No rival at all: -1.
+    ``neighbors`` candidates (``neighbors.search``: exact, or an inverted file for many centers; memory O(queries x
+    neighbors)); when all of them are near the nearest center, the last one's cosine stands in for the rival (an
+    upper bound: fewer merges, never more). No rival at all: -1.
     """
     n, c = queries.shape[0], centers.shape[0]
     own = 1 if queries_are_centers else 0
-    k = min(neighbors + own, c)
-    index = faiss.IndexFlatIP(centers.shape[1])
-    index.add(centers)
-    sims, idx = index.search(queries, k)
-    if own:
-        keep = idx != np.arange(n)[:, None]
-        keep[keep.sum(axis=1) > k - 1, -1] = False   # self not among the first k (duplicates): drop the weakest
-        sims, idx = sims[keep].reshape(n, k - 1), idx[keep].reshape(n, k - 1)
+    sims, idx = search(centers, None if queries_are_centers else queries, neighbors)
+    k = sims.shape[1] + own
+    found = idx >= 0
+    idx = np.where(found, idx, idx[:, :1])   # (an inverted file may find fewer: those stand for the nearest)
     if sims.shape[1] == 0:
         return np.zeros(n, np.int64), np.full(n, -1.0, np.float32), np.full(n, -1.0, np.float32)
     best, best_sim = idx[:, 0].astype(np.int64), sims[:, 0].copy()
-    rival_ok = np.ones(sims.shape, bool)
+    rival_ok = found.copy()
     rival_ok[:, 0] = False
     if same_below is not None:
         for j in range(1, sims.shape[1]):
-            rival_ok[:, j] = np.einsum("ij,ij->i", centers[best], centers[idx[:, j]]) < same_below
+            rival_ok[:, j] &= np.einsum("ij,ij->i", centers[best], centers[idx[:, j]]) < same_below
     rival = np.where(rival_ok, sims, -np.inf).max(axis=1)
-    searched_all = sims.shape[1] == c - own
+    searched_all = k >= c
     none_found = ~rival_ok.any(axis=1)
-    rival[none_found] = -1.0 if searched_all else sims[none_found, -1]
+    last_found = np.where(found, sims, np.inf).min(axis=1)
+    rival[none_found] = -1.0 if searched_all else last_found[none_found]
     return best, best_sim, rival.astype(np.float32)
 
 
@@ -134,7 +133,12 @@ def centers_from_labels(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
                               "pass one label per face.")
     kept = np.flatnonzero(labels >= 0)
     ids, inverse = np.unique(labels[kept], return_inverse=True)
-    # Sums as one sparse product (cluster x face indicator times the rows): the passes recompute centers often.
-    member = csr_matrix((np.ones(len(kept)), (inverse, kept)), shape=(len(ids), x.shape[0]))
-    sums = np.asarray(member @ x.astype(np.float64))
+    # Sums as sparse products (cluster x face indicator times the rows), in float64 a block of rows at a time: the
+    # passes recompute centers often, and a float64 copy of a million rows would be 4 GB.
+    sums = np.zeros((len(ids), x.shape[1]), np.float64)
+    for start in range(0, len(kept), CENTER_BLOCK):
+        rows = kept[start:start + CENTER_BLOCK]
+        member = csr_matrix((np.ones(len(rows)), (inverse[start:start + CENTER_BLOCK], np.arange(len(rows)))),
+                            shape=(len(ids), len(rows)))
+        sums += member @ x[rows].astype(np.float64)
     return as_unit_matrix(sums, "centers"), ids.astype(np.int64)
