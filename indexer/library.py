@@ -274,26 +274,25 @@ class FaceIndex:
         return results
 
     def status(self) -> dict[str, Any]:
-        from indexer.persons.state import load_clustering
-        from indexer.store.check import scan
+        """Counts kept by the store, the clustering's summary, the last integrity check: no scan of the records."""
+        from indexer.persons.state import clustering_summary
+        from indexer.store.check import last
 
         counts = self.store.counts()
         index = self.vectors
-        clustering = load_clustering(self.store)
-        return {
-            "index_dir": str(self.dir),
-            "files": counts["files"],
-            "faces": counts["faces"],
-            "model": counts["model"],
-            "index": {**index.info(), "snapshot_seq": index.saved_seq,
-                      "store_seq": counts["seq"]},
-            "clusters": clustering.summary() if clustering else {"method": None, "k": 0},
-            "daemon": daemon_status(self.dir),
-            "store_bytes": self.store.disk_bytes(),
-            "failures": counts["failures"],
-            "damaged": scan(self.store),
-        }
+        return {"index_dir": str(self.dir), "files": counts["files"], "faces": counts["faces"],
+                "model": counts["model"],
+                "index": {**index.info(), "snapshot_seq": index.saved_seq, "store_seq": counts["seq"]},
+                "clusters": clustering_summary(self.store), "daemon": daemon_status(self.dir),
+                "store_bytes": self.store.disk_bytes(), "failures": counts["failures"], "damaged": last(self.store)}
 
+    def check(self, progress: bool = False) -> dict[str, Any]:
+        """``faceindex check``: read and check every record; the findings are kept for ``status``."""
+        from indexer.store.check import record, scan
+
+        result = scan(self.store, progress)
+        record(self.store, result)
+        return result
 
     # ------------------------------------------------------------------ persons
     def cluster(self, method: str | None = None, k: int | str | None = None,

@@ -215,6 +215,7 @@ def test_contradictory_edits_the_later_wins_and_says_what_it_overrode(index):
 def test_an_index_from_before_the_word_is_read_as_it_is_and_upgraded_by_a_writer(index, tmp_path):
     """A schema 1 index (no word tables, names on the clusters) reads as before; its names become the user's."""
     from indexer.persons.state import load_clustering, save_clustering
+    from indexer.store.lmdb_store import SCHEMA_VERSION
     from indexer.store.records import pack
 
     index.cluster()
@@ -238,8 +239,22 @@ def test_an_index_from_before_the_word_is_read_as_it_is_and_upgraded_by_a_writer
         assert {r["id"]: r["name"] for r in reader.people()}[person] == "Old Name"
         assert reader.history() == []
     with FaceIndex(settings_for(path), OpenMode.EDIT) as writer:
-        assert writer.store.get_meta("schema") == 2
+        assert writer.store.get_meta("schema") == SCHEMA_VERSION
         writer.merge(person, next(r["id"] for r in writer.people() if r["id"] != person))
         assert writer.person(person)["name"] == "Old Name"  # adopted as the user's word, kept by the merge
         writer.undo()
         assert writer.person(person)["name"] == "Old Name"
+
+
+def test_status_summarises_the_clustering_without_reading_its_centers(index):
+    """``status`` reads the clustering's meta record and table sizes only; it says what the full load says."""
+    from indexer.persons.state import clustering_summary, load_clustering
+
+    assert clustering_summary(index.store) == {"method": None, "k": 0}
+    index.cluster()
+    persons = [r["id"] for r in index.people()]
+    index.name(persons[0], "Ada")
+    index.name(persons[1], "Bo")
+    index.merge(persons[0], persons[1])   # Bo's name goes with the merge: one named person left
+    assert clustering_summary(index.store) == load_clustering(index.store).summary()
+    assert clustering_summary(index.store)["named"] == 1

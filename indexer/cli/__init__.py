@@ -33,7 +33,7 @@ def main(verbose: bool) -> None:
 
 
 for _command in (index_commands.ingest, index_commands.watch, index_commands.query, index_commands.status,
-                 index_commands.models, cluster_commands.cluster, cluster_commands.export, cluster_commands.assign,
-                 cluster_commands.report, cluster_commands.evaluate, people_commands.people,
+                 index_commands.check, index_commands.models, cluster_commands.cluster, cluster_commands.export,
+                 cluster_commands.assign, cluster_commands.report, cluster_commands.evaluate, people_commands.people,
                  serve_commands.serve):
     main.add_command(_command)

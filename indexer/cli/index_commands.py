@@ -173,10 +173,10 @@ def _status_text(s: dict) -> str:
                           if d["running"] else "not running"),
     ]
     damaged = s.get("damaged", {})
-    if any(damaged.get(k) for k in ("faces", "vectors", "thumbnails")):
-        lines.append(f"damaged    {damaged['faces']} face records, {damaged['vectors']} vectors, "
-                     f"{damaged['thumbnails']} thumbnails, skipped where they are read (face ids "
-                     f"{', '.join(map(str, damaged['face_ids']))})")
+    if damaged.get("checked_at") is None:
+        lines.append("checked    never: `faceindex check` reads every record for damage")
+    else:
+        lines.append(f"checked    {damaged['checked_at']}: " + _damage_text(damaged))
     for failure in s["failures"][:10]:
         lines.append(f"failed     {display(failure['path'])}: {display(failure['reason'])}")
     if s["files"]["failed"] > 10:
@@ -187,6 +187,24 @@ def _status_text(s: dict) -> str:
                      f"Davies-Bouldin {fmt(m.get('davies_bouldin'))}, "
                      f"Calinski-Harabasz {fmt(m.get('calinski_harabasz'))}")
     return "\n".join(lines)
+
+
+def _damage_text(d: dict) -> str:
+    if not any(d.get(k) for k in ("faces", "vectors", "thumbnails")):
+        return f"no damaged record among {d.get('records', 0):,}"
+    return (f"damaged {d['faces']} face records, {d['vectors']} vectors, {d['thumbnails']} thumbnails, skipped "
+            f"where they are read (face ids {', '.join(map(str, d['face_ids']))})")
+
+
+@click.command()
+@index_options
+@json_option
+@click.option("--no-progress", is_flag=True, help="No progress bar (it also hides itself when not a terminal).")
+def check(settings: Settings, as_json: bool, no_progress: bool) -> None:
+    """Read every face record, vector and thumbnail and report the damaged ones (status shows the last check)."""
+    with open_index(settings, "edit") as fi:
+        result = fi.check(progress=not no_progress and sys.stderr.isatty())
+    emit(result, as_json, lambda d: f"{d['records']:,} records checked in {d['seconds']:.1f} s: {_damage_text(d)}")
 
 
 # ---------------------------------------------------------------------------------------------------- models

@@ -63,6 +63,25 @@ def load_clustering(store: FaceStore, txn=None) -> Clustering | None:
     )
 
 
+def clustering_summary(store: FaceStore) -> dict[str, Any]:
+    """``Clustering.summary()`` for ``status``, from the meta record and the tables' sizes: no center is read."""
+    with store.read() as txn:
+        meta = store.get_meta("clustering", None, txn)
+        if meta is None:
+            return {"method": None, "k": 0}
+        k = txn.stat(store.db["clusters"])["entries"]
+        named = 0
+        if store.has_table("names") and store.get_meta("names_adopted", False, txn):
+            named = sum(1 for key, raw in txn.cursor(db=store.db["names"])
+                        if unpack(raw) and txn.get(key, db=store.db["clusters"]) is not None)
+        else:  # names still on the clusters (an index from before the user's word): the old way
+            named = sum(1 for _, raw in txn.cursor(db=store.db["clusters"]) if unpack(raw).get("name"))
+    summary = Clustering(method=meta["method"], params=meta.get("params", {}), ids=np.zeros(0, np.int64),
+                         centers=np.zeros((0, 0), np.float32), metrics=meta.get("metrics", {}),
+                         created=meta.get("created", 0.0), n_faces=meta.get("n_faces", 0)).summary()
+    return {**summary, "k": int(k), "named": named}
+
+
 def save_clustering(store: FaceStore, txn, clustering: Clustering) -> None:
     """Replace the stored clustering (centers, sizes, names, meta) inside the caller's transaction."""
     cursor = txn.cursor(db=store.db["clusters"])

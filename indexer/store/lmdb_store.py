@@ -13,7 +13,7 @@ nothing and a reader never sees a stale answer.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,23 @@ from indexer import fingerprint as fp
 from indexer.embedding import EMBEDDING_DIM as DIM
 from indexer.errors import IndexMismatchError, NotFoundError
 from indexer.fsutil import private_dir
+from indexer.store.files import COUNTS_KEY, FileTable, count_files
 from indexer.store.integrity import decode_face, vector_ok
 from indexer.store.mapguard import MapGuard, storage_error
-from indexer.store.records import FaceRecord, FileRecord, NewFace, from_u64, pack, path_key, u64, unpack
+from indexer.store.records import FaceRecord, NewFace, from_u64, pack, u64, unpack
 
 # 2: the user's word about persons (tables word, names, history) and each face's suggested person. A version 1
 # index is read as it is and upgraded by the first writer (the new tables start empty).
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
+# 3: files counted by status (meta file_counts) and the failed files in a table of their own (files.py), kept with
+# every file record; the first writer of an older index counts it once. An older faceindex refuses a version 3
+# index (it would not keep the counts).
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 STORE_DIR = "store.lmdb"
 SNAPSHOT_FILE = "vectors.faiss"  # beside it: the FAISS snapshot (indexer/store/sync.py)
-_DBS = ("meta", "files", "sha", "faces", "vectors", "thumbs", "log", "clusters", "word", "names", "history")
-_SINCE_SCHEMA_2 = ("word", "names", "history")  # absent from a version 1 index until a writer opens it
+_DBS = ("meta", "files", "sha", "faces", "vectors", "thumbs", "log", "clusters", "word", "names", "history",
+        "failed")
+_OPTIONAL = ("word", "names", "history", "failed")  # absent from an older index until a writer opens it
 _INITIAL_MAP = 1 << 30      # 1 GiB; sparse on Linux, doubled whenever a transaction fills it
 
 
@@ -45,7 +50,7 @@ def store_exists(index_dir: str | Path) -> bool:
     return (Path(index_dir) / STORE_DIR / "data.mdb").is_file()
 
 
-class FaceStore:
+class FaceStore(FileTable):
     """LMDB environment of one index. ``readonly`` opens for queries from other processes."""
 
     def __init__(self, index_dir: str | Path, readonly: bool = False) -> None:
@@ -74,16 +79,20 @@ class FaceStore:
                 f"index {self.index_dir} has schema version {version}, this faceindex reads up to "
                 f"{SCHEMA_VERSION}; " + ("upgrade faceindex to open it" if newer else "re-ingest into a new --index"))
         if not self.readonly and version != SCHEMA_VERSION:
-            with self.write() as txn:
+            def upgrade(txn: lmdb.Transaction) -> None:
                 if version is None:
                     txn.put(b"created", pack(time.time()), db=self.db["meta"])
+                if self.get_meta(COUNTS_KEY, None, txn) is None:
+                    count_files(self, txn)  # once: every file record of an older index (seconds per 100k)
                 txn.put(b"schema", pack(SCHEMA_VERSION), db=self.db["meta"])
+
+            self.transact(upgrade)
 
     def _open_existing(self, name: str):
         try:
             return self.env.open_db(name.encode(), create=False)
         except lmdb.NotFoundError:
-            if name in _SINCE_SCHEMA_2:
+            if name in _OPTIONAL:
                 return None
             raise NotFoundError(f"{self.index_dir} is not a faceindex index (no '{name}' table)") from None
 
@@ -171,89 +180,6 @@ class FaceStore:
         if self.get_meta("model", txn=txn) != fingerprint:  # first use, or a pre-issue-11 record made explicit
             self.put_meta(txn, "model", fingerprint)
 
-    # ------------------------------------------------------------------ files
-    def get_file(self, path: str, txn: lmdb.Transaction | None = None) -> FileRecord | None:
-        raw = self._get("files", path_key(path), txn)
-        return None if raw is None else FileRecord(**unpack(raw))
-
-    def iter_files(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[FileRecord]:
-        cursor = txn.cursor(db=self.db["files"])
-        start = path_key(prefix)
-        if not cursor.set_range(start):
-            return
-        for key, raw in cursor:
-            if not key.startswith(start):
-                break
-            yield FileRecord(**unpack(raw))
-
-    def paths_with_sha(self, sha: str, txn: lmdb.Transaction) -> list[str]:
-        raw = txn.get(sha.encode(), db=self.db["sha"])
-        return [] if raw is None else unpack(raw)
-
-    def files_with_sha(self, sha: str, txn: lmdb.Transaction) -> list[FileRecord]:
-        """The stored files holding exactly these bytes."""
-        records = (self.get_file(path, txn) for path in self.paths_with_sha(sha, txn))
-        return [rec for rec in records if rec is not None]
-
-    def _link_sha(self, txn: lmdb.Transaction, sha: str, path: str, add: bool) -> None:
-        paths = set(self.paths_with_sha(sha, txn))
-        paths.add(path) if add else paths.discard(path)
-        if paths:
-            txn.put(sha.encode(), pack(sorted(paths)), db=self.db["sha"])
-        else:
-            txn.delete(sha.encode(), db=self.db["sha"])
-
-    def put_file(self, txn: lmdb.Transaction, record: FileRecord, faces: Iterable[NewFace] = ()) -> list[int]:
-        """Replace whatever the store had for ``record.path`` by ``record`` and ``faces``; returns new face ids."""
-        self.remove_file(txn, record.path)
-        ids = [self._add_face(txn, record.path, face) for face in faces]
-        record.face_ids = ids
-        record.indexed_at = time.time()
-        txn.put(path_key(record.path), pack(record.to_dict()), db=self.db["files"])
-        if record.sha256:
-            self._link_sha(txn, record.sha256, record.path, add=True)
-        return ids
-
-    def touch_file(self, txn: lmdb.Transaction, path: str, size: int, mtime_ns: int) -> None:
-        """Same content, new stat (e.g. ``touch``): remember the stat so the next scan skips it cheaply."""
-        rec = self.get_file(path, txn)
-        if rec is not None:
-            rec.size, rec.mtime_ns = size, mtime_ns
-            txn.put(path_key(path), pack(rec.to_dict()), db=self.db["files"])
-
-    def remove_file(self, txn: lmdb.Transaction, path: str) -> int:
-        """Forget a file and its faces; returns how many faces left."""
-        rec = self.get_file(path, txn)
-        if rec is None:
-            return 0
-        for face_id in rec.face_ids:
-            self._remove_face(txn, face_id)
-        txn.delete(path_key(path), db=self.db["files"])
-        if rec.sha256:
-            self._link_sha(txn, rec.sha256, path, add=False)
-        return len(rec.face_ids)
-
-    def move_file(self, txn: lmdb.Transaction, old: str, new: str, mtime_ns: int | None = None) -> bool:
-        """A renamed file keeps its faces (and their ids): only paths change, nothing is re-embedded."""
-        rec = self.get_file(old, txn)
-        if rec is None:
-            return False
-        self.remove_file(txn, new)  # a file overwritten by the move
-        txn.delete(path_key(old), db=self.db["files"])
-        if rec.sha256:
-            self._link_sha(txn, rec.sha256, old, add=False)
-            self._link_sha(txn, rec.sha256, new, add=True)
-        rec.path = new
-        if mtime_ns is not None:
-            rec.mtime_ns = mtime_ns
-        txn.put(path_key(new), pack(rec.to_dict()), db=self.db["files"])
-        for face_id in rec.face_ids:
-            face = self.get_face(face_id, txn)
-            if face is not None:
-                face.path = new
-                txn.put(u64(face_id), pack(face.to_dict()), db=self.db["faces"])
-        return True
-
     # ------------------------------------------------------------------ faces
     def _next_id(self, txn: lmdb.Transaction, key: str) -> int:
         n = self.get_meta(key, 0, txn) + 1
@@ -281,25 +207,6 @@ class FaceStore:
         for name in ("faces", "vectors", "thumbs"):
             txn.delete(key, db=self.db[name])
         self._log(txn, "r", face_id)
-
-    def rewrite_file(self, txn: lmdb.Transaction, record: FileRecord, kept: dict[int, NewFace],
-                     new: Iterable[NewFace] = ()) -> list[int]:
-        """A file embedded again (``ingest --rebuild``): its faces in ``kept`` keep their ids (``replace_face``),
-        its other old faces leave, ``new`` faces are added; returns the file's face ids."""
-        old = self.get_file(record.path, txn)
-        for face_id in old.face_ids if old else []:
-            if face_id not in kept:
-                self._remove_face(txn, face_id)
-        if old is not None and old.sha256 and old.sha256 != record.sha256:
-            self._link_sha(txn, old.sha256, record.path, add=False)
-        for face_id, face in kept.items():
-            self.replace_face(txn, face_id, face)
-        record.face_ids = list(kept) + [self._add_face(txn, record.path, face) for face in new]
-        record.indexed_at = time.time()
-        txn.put(path_key(record.path), pack(record.to_dict()), db=self.db["files"])
-        if record.sha256:
-            self._link_sha(txn, record.sha256, record.path, add=True)
-        return record.face_ids
 
     def replace_face(self, txn: lmdb.Transaction, face_id: int, face: NewFace) -> None:
         """The same face embedded again (``ingest --rebuild``): new box, vector, thumbnail, same id (and so the user's
@@ -381,19 +288,6 @@ class FaceStore:
         while cursor.first() and from_u64(cursor.key()) <= upto:
             cursor.delete()
         self.put_meta(txn, "log_floor", max(upto, self.get_meta("log_floor", 0, txn)))
-
-    # ------------------------------------------------------------------ counts
-    def counts(self, max_failures: int = 50) -> dict[str, Any]:
-        """Files by status, faces, model, change sequence, and the first ``max_failures`` failed files."""
-        with self.read() as txn:
-            by_status = {"indexed": 0, "no_face": 0, "failed": 0}
-            failures = []
-            for rec in self.iter_files(txn):
-                by_status[rec.status] = by_status.get(rec.status, 0) + 1
-                if rec.status == "failed" and len(failures) < max_failures:
-                    failures.append({"path": rec.path, "reason": rec.reason})
-            return {"files": by_status, "faces": self.face_count(txn), "model": self.get_meta("model", None, txn),
-                    "seq": self.get_meta("seq", 0, txn), "failures": failures}
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.index_dir.rglob("*") if p.is_file())

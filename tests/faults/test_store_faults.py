@@ -156,9 +156,18 @@ def _damage(index: Path, **tables: bool) -> list[int]:
 
 def test_damaged_face_records_and_thumbnails_are_skipped_with_a_warning(copy_index, tmp_path):
     bad_face, bad_thumb = _damage(copy_index, faces=True, thumbs=True)
+    # status reads no record: it says the index was never checked, until `faceindex check` has read them all.
+    assert cli_json("status", "--index", str(copy_index))["damaged"]["checked_at"] is None
+    assert "checked    never" in cli("status", "--index", str(copy_index)).stdout
+    found = cli_json("check", "--index", str(copy_index))
+    assert {k: found[k] for k in ("faces", "vectors", "thumbnails", "face_ids")} == \
+        {"faces": 1, "vectors": 0, "thumbnails": 1, "face_ids": [bad_face, bad_thumb]}
+    assert "damaged 1 face records, 0 vectors, 1 thumbnails" in cli("check", "--index", str(copy_index)).stdout
     status = cli_json("status", "--index", str(copy_index))
-    assert status["damaged"] == {"faces": 1, "vectors": 0, "thumbnails": 1, "face_ids": [bad_face, bad_thumb]}
-    assert "damaged    1 face records, 0 vectors, 1 thumbnails" in cli("status", "--index", str(copy_index)).stdout
+    assert {k: status["damaged"][k] for k in ("faces", "vectors", "thumbnails", "face_ids")} == \
+        {"faces": 1, "vectors": 0, "thumbnails": 1, "face_ids": [bad_face, bad_thumb]}
+    assert status["damaged"]["checked_at"].endswith("Z")
+    assert "damaged 1 face records, 0 vectors, 1 thumbnails" in cli("status", "--index", str(copy_index)).stdout
     assert cli_json("query", "--index", str(copy_index), "--face-id", str(bad_thumb), "-k", "3")[0]["matches"]
     assert "damaged face record" in cli("cluster", "--index", str(copy_index)).stderr
     proc = cli("report", "--index", str(copy_index), "--out", str(tmp_path / "report"))
@@ -170,6 +179,7 @@ def test_damaged_face_records_and_thumbnails_are_skipped_with_a_warning(copy_ind
 def test_a_damaged_vector_is_left_out_of_the_rebuilt_index(copy_index):
     (bad,) = _damage(copy_index, vectors=True)
     (copy_index / "vectors.faiss").unlink()  # the rebuild reads every vector
+    assert cli_json("check", "--index", str(copy_index))["vectors"] == 1
     status = cli_json("status", "--index", str(copy_index))
     assert status["damaged"]["vectors"] == 1 and status["index"]["vectors"] == status["faces"] - 1
     hits = cli_json("query", "--index", str(copy_index), "-k", "20", str(PHOTO))
