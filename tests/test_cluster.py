@@ -247,6 +247,7 @@ def test_internal_scores_sample_and_degenerate_cases():
     x, truth, _ = blobs(people=4, per_person=10)
     scores = internal_scores(x, truth, sample=20, seed=0)
     assert scores["k"] == 4 and scores["n_faces"] == 40 and scores["silhouette_sample"] == 20
+    assert scores["davies_bouldin_sample"] == 20   # O(clusters^2): sampled with the silhouette
     assert scores["silhouette"] > 0.5 and scores["davies_bouldin"] < 1.0 and scores["calinski_harabasz"] > 1.0
     one = internal_scores(x, np.where(truth == 0, 0, -1))
     assert one["k"] == 1 and one["n_noise"] == 30

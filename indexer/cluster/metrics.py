@@ -22,9 +22,11 @@ def _labels(labels: np.ndarray, what: str) -> np.ndarray:
 def internal_scores(x: np.ndarray, labels: np.ndarray, *, sample: int = 10000, seed: int = 1234) -> dict:
     """Silhouette (cosine), Davies-Bouldin and Calinski-Harabasz of a clustering of unit rows ``x``.
 
-    The silhouette costs O(n^2), so above ``sample`` clustered faces it is computed on a seeded uniform sample whose
-    size is reported as ``silhouette_sample``. Any score that is undefined (fewer than 2 clusters, or every face in
-    its own cluster) is None rather than an error: a fresh index with one person is not a failure.
+    The silhouette costs O(n^2) and Davies-Bouldin O(clusters^2) (every pair of centroids: a million faces make
+    ~250,000 persons, a 500 GB matrix), so above ``sample`` clustered faces both are computed on one seeded uniform
+    sample whose size is reported as ``silhouette_sample`` and ``davies_bouldin_sample``; Calinski-Harabasz is
+    O(n) and uses every face. Any score that is undefined (fewer than 2 clusters, or every face in its own cluster)
+    is None rather than an error: a fresh index with one person is not a failure.
     """
     from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 
@@ -36,10 +38,22 @@ def internal_scores(x: np.ndarray, labels: np.ndarray, *, sample: int = 10000, s
     xk, lk = x[kept], labels[kept]
     n, k = int(lk.shape[0]), int(len(np.unique(lk)))
     scores: dict = {"n_faces": int(labels.shape[0]), "n_clustered": n, "n_noise": int((~kept).sum()), "k": k,
-                    "silhouette": None, "silhouette_sample": 0, "davies_bouldin": None, "calinski_harabasz": None}
+                    "silhouette": None, "silhouette_sample": 0, "davies_bouldin": None, "davies_bouldin_sample": 0,
+                    "calinski_harabasz": None}
     # All three scores need at least 2 clusters and at least one cluster with 2 members.
     if k < 2 or k > n - 1:
         return scores
+    scores["calinski_harabasz"] = float(calinski_harabasz_score(xk, lk))
+    rows = np.arange(n)
+    if n > sample:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+    ks = len(np.unique(lk[rows]))
+    if 2 <= ks <= len(rows) - 1:
+        scores["davies_bouldin"] = float(davies_bouldin_score(xk[rows], lk[rows]))
+        scores["davies_bouldin_sample"] = int(len(rows))
+        scores["silhouette"] = float(silhouette_score(xk[rows], lk[rows], metric="cosine"))
+        scores["silhouette_sample"] = int(len(rows))
+    return scores
     scores["davies_bouldin"] = float(davies_bouldin_score(xk, lk))
     scores["calinski_harabasz"] = float(calinski_harabasz_score(xk, lk))
     rows = np.arange(n)
