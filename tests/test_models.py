@@ -221,6 +221,21 @@ def test_corrupt_weights_file_is_one_clear_error(tmp_path, suffix):
         FaceEmbedder(EmbedderSettings(weights=str(path)))
 
 
+@pytest.mark.parametrize("flags,native", [
+    ({"fpu", "avx2", "avx512f", "avx512bw", "avx512vl"}, False),   # AVX512 without BF16: oneDNN would emulate it
+    ({"avx2"}, False),
+    ({"avx512f", "avx512_bf16"}, True),                             # Cooper Lake, Zen 4
+    ({"avx512f", "amx_tile", "amx_bf16"}, True),                    # Sapphire Rapids
+])
+def test_native_bf16_means_the_instructions_not_onednns_emulation(flags, native):
+    from indexer.models.embedder import cpu_flags, native_bf16
+
+    assert native_bf16(torch.device("cpu"), frozenset(flags)) is native
+    cpuinfo = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: " + " ".join(sorted(flags)) + "\n"
+    assert cpu_flags(cpuinfo) == frozenset(flags)
+    assert cpu_flags("processor : 0\nFeatures : fp asimd bf16\n") is None   # ARM: oneDNN answers instead
+
+
 @pytest.mark.parametrize("requested,device,native,want", [
     ("auto", "cpu", True, "bfloat16"),
     ("auto", "cpu", False, "float32"),
