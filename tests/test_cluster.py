@@ -247,11 +247,23 @@ def test_internal_scores_sample_and_degenerate_cases():
     x, truth, _ = blobs(people=4, per_person=10)
     scores = internal_scores(x, truth, sample=20, seed=0)
     assert scores["k"] == 4 and scores["n_faces"] == 40 and scores["silhouette_sample"] == 20
-    assert scores["davies_bouldin_sample"] == 20   # O(clusters^2): sampled with the silhouette
+    assert scores["davies_bouldin_clusters"] == 4
     assert scores["silhouette"] > 0.5 and scores["davies_bouldin"] < 1.0 and scores["calinski_harabasz"] > 1.0
+    sampled = internal_scores(x, truth, sample_clusters=2, seed=0)   # O(clusters^2): whole clusters sampled
+    assert sampled["davies_bouldin_clusters"] == 2 and sampled["davies_bouldin"] > 0
     one = internal_scores(x, np.where(truth == 0, 0, -1))
     assert one["k"] == 1 and one["n_noise"] == 30
     assert one["silhouette"] is None and one["davies_bouldin"] is None and one["calinski_harabasz"] is None
+
+
+def test_calinski_harabasz_equals_scikit_learns():
+    from sklearn.metrics import calinski_harabasz_score
+
+    from indexer.cluster.metrics import calinski_harabasz
+
+    x, truth, _ = blobs(people=6, per_person=9)
+    labels = np.where(np.arange(len(truth)) % 7 == 0, 99, truth)   # uneven clusters, an id out of order
+    assert calinski_harabasz(x, labels) == pytest.approx(calinski_harabasz_score(x, labels), rel=1e-9)
 
 
 # --- stable ids ------------------------------------------------------------------------------------------------------

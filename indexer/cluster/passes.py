@@ -11,7 +11,7 @@ strangers) apart. Parameters: ``benchmarks/cluster_cv.py``; figures: README, "Pa
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from indexer.cluster.kmeans import as_unit_matrix
@@ -72,20 +72,25 @@ def merge_close_centers(x: np.ndarray, labels: np.ndarray, min_similarity: float
     also joins strangers who look alike (measured: it merged strangers on all of dev-train), so the nearest center
     must also stand out from every other person's: a ratio test, as in matching local image features."""
     out = np.asarray(labels, dtype=np.int64).copy()
+    # Sums and sizes are additive: computed once from the faces, then each round's merges add up rows of them.
+    sums, size, ids = cluster_sums(x, out)
     for _ in range(rounds):
-        centers, ids = centers_from_labels(x, out)
         if len(ids) < 2:
             break
+        centers = as_unit_matrix(sums, "centers")
         best, sim, rival = nearest_and_rival(centers, centers, min_similarity, queries_are_centers=True)
-        size = np.bincount(np.searchsorted(ids, out[out >= 0]), minlength=len(ids))
         # The smaller joins the larger: a small cluster between two people must not pull both big ones into it.
         join = np.flatnonzero(clear_lead(sim, rival, min_similarity, lead) & (size <= size[best]))
         if len(join) == 0:
             break
         graph = coo_matrix((np.ones(len(join), np.int8), (join, best[join])), shape=(len(ids), len(ids)))
-        _, comp = connected_components(graph, directed=False)
+        n_comp, comp = connected_components(graph, directed=False)
         clustered = out >= 0
         out[clustered] = comp[np.searchsorted(ids, out[clustered])]
+        merged = np.zeros((n_comp, sums.shape[1]), np.float64)
+        np.add.at(merged, comp, sums)
+        sums, size, ids = merged, np.bincount(comp, weights=size, minlength=n_comp).astype(np.int64), \
+            np.arange(n_comp, dtype=np.int64)
     return out
 
 
@@ -124,21 +129,31 @@ def clear_lead(sim: np.ndarray, rival: np.ndarray, min_similarity: float, lead: 
     return (sim >= min_similarity) & (sim - rival >= lead)
 
 
-def centers_from_labels(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centers float32 [C, d] = normalised mean of each cluster's rows, ids int64 [C] sorted); noise (-1) skipped."""
-    x = as_unit_matrix(x)
+def cluster_sums(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sums float64 [C, d] of each cluster's rows, sizes int64 [C], ids int64 [C] sorted); noise (-1) skipped.
+
+    One pass over the rows sorted by label, summing runs of equal labels (``np.add.reduceat``) in float64 a block of
+    rows at a time: a float64 copy of a million rows would be 4 GB."""
+    x = np.asarray(x, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.shape != (x.shape[0],):
+    if x.ndim != 2 or labels.shape != (x.shape[0],):
         raise ClusteringError(f"{labels.shape[0] if labels.ndim else 0} labels for {x.shape[0]} faces; "
                               "pass one label per face.")
     kept = np.flatnonzero(labels >= 0)
-    ids, inverse = np.unique(labels[kept], return_inverse=True)
-    # Sums as sparse products (cluster x face indicator times the rows), in float64 a block of rows at a time: the
-    # passes recompute centers often, and a float64 copy of a million rows would be 4 GB.
+    order = kept[np.argsort(labels[kept], kind="stable")]
+    ids, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
     sums = np.zeros((len(ids), x.shape[1]), np.float64)
-    for start in range(0, len(kept), CENTER_BLOCK):
-        rows = kept[start:start + CENTER_BLOCK]
-        member = csr_matrix((np.ones(len(rows)), (inverse[start:start + CENTER_BLOCK], np.arange(len(rows)))),
-                            shape=(len(ids), len(rows)))
-        sums += member @ x[rows].astype(np.float64)
-    return as_unit_matrix(sums, "centers"), ids.astype(np.int64)
+    for lo in range(0, len(order), CENTER_BLOCK):
+        hi = min(lo + CENTER_BLOCK, len(order))
+        first = int(np.searchsorted(starts, lo, "right")) - 1      # the run the block starts in
+        last = int(np.searchsorted(starts, hi, "left"))            # runs starting before hi
+        bounds = np.concatenate([[lo], starts[first + 1:last]]) - lo
+        sums[first:last] += np.add.reduceat(x[order[lo:hi]].astype(np.float64), bounds, axis=0)
+    return sums, sizes.astype(np.int64), ids.astype(np.int64)
+
+
+def centers_from_labels(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centers float32 [C, d] = normalised mean of each cluster's rows, ids int64 [C] sorted); noise (-1) skipped.
+    ``x``'s rows are unit (as every stored embedding is)."""
+    sums, _, ids = cluster_sums(x, labels)
+    return as_unit_matrix(sums, "centers"), ids

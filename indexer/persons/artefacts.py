@@ -65,8 +65,9 @@ def export(store: FaceStore, out_dir: str | Path) -> dict[str, Any]:
     _write_json(out / "train_assignments.json", {**_header(store, clustering, ids), "faces": faces})
     metrics = {k: v for k, v in clustering.metrics.items()}
     metrics.update({"n_faces": len(faces), "k": int(len(ids)), "method": clustering.method,
-                    "sampling": f"silhouette and Davies-Bouldin on {metrics.get('silhouette_sample', 0)} faces "
-                                "(uniform, seeded), Calinski-Harabasz on all"})
+                    "sampling": f"silhouette on {metrics.get('silhouette_sample', 0)} faces, Davies-Bouldin on "
+                                f"{metrics.get('davies_bouldin_clusters', 0)} clusters (uniform, seeded), "
+                                "Calinski-Harabasz on all"})
     _write_json(out / "metrics.json", metrics)
     return {"out": str(out), "files": ["cluster_centers.npy", "train_assignments.json", "metrics.json"],
             "k": int(len(ids)), "faces": len(faces), "metrics": metrics}
