@@ -87,10 +87,10 @@ def merge_close_centers(x: np.ndarray, labels: np.ndarray, min_similarity: float
         n_comp, comp = connected_components(graph, directed=False)
         clustered = out >= 0
         out[clustered] = comp[np.searchsorted(ids, out[clustered])]
-        merged = np.zeros((n_comp, sums.shape[1]), np.float64)
-        np.add.at(merged, comp, sums)
-        sums, size, ids = merged, np.bincount(comp, weights=size, minlength=n_comp).astype(np.int64), \
-            np.arange(n_comp, dtype=np.int64)
+        order = np.argsort(comp, kind="stable")   # every component holds a cluster: runs start in order
+        sums = np.add.reduceat(sums[order], np.searchsorted(comp[order], np.arange(n_comp)), axis=0)
+        size = np.bincount(comp, weights=size, minlength=n_comp).astype(np.int64)
+        ids = np.arange(n_comp, dtype=np.int64)
     return out
 
 
