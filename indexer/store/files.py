@@ -22,16 +22,29 @@ COUNTS_KEY = "file_counts"
 STATUSES = ("indexed", "no_face", "failed")
 
 
+def scan_counts(records: Iterable[FileRecord]) -> tuple[dict[str, int], list[FileRecord]]:
+    """Files by status over ``records`` (a full scan), and the failed ones among them."""
+    counts = dict.fromkeys(STATUSES, 0)
+    failed: list[FileRecord] = []
+    for rec in records:
+        counts[rec.status] = counts.get(rec.status, 0) + 1
+        if rec.status == "failed":
+            failed.append(rec)
+    return counts, failed
+
+
+def failed_entry(rec: FileRecord) -> dict[str, str]:
+    return {"path": rec.path, "reason": rec.reason}
+
+
 def count_files(store: Any, txn: lmdb.Transaction) -> None:
     """Count every file record once and fill the ``failed`` table (an index from before the counts)."""
-    counts = dict.fromkeys(STATUSES, 0)
     cursor = txn.cursor(db=store.db["failed"])
     while cursor.first():
         cursor.delete()
-    for rec in store.iter_files(txn):
-        counts[rec.status] = counts.get(rec.status, 0) + 1
-        if rec.status == "failed":
-            txn.put(path_key(rec.path), pack({"path": rec.path, "reason": rec.reason}), db=store.db["failed"])
+    counts, failed = scan_counts(store.iter_files(txn))
+    for rec in failed:
+        txn.put(path_key(rec.path), pack(failed_entry(rec)), db=store.db["failed"])
     store.put_meta(txn, COUNTS_KEY, counts)
 
 
@@ -53,7 +66,7 @@ class FileTable:
         if old is not None and old.status == "failed":
             txn.delete(path_key(old.path), db=self.db["failed"])
         if new is not None and new.status == "failed":
-            txn.put(path_key(new.path), pack({"path": new.path, "reason": new.reason}), db=self.db["failed"])
+            txn.put(path_key(new.path), pack(failed_entry(new)), db=self.db["failed"])
         self.put_meta(txn, COUNTS_KEY, counts)
 
     def _write_file(self, txn: lmdb.Transaction, record: FileRecord, old: FileRecord | None) -> None:
@@ -70,11 +83,8 @@ class FileTable:
             by_status = self.get_meta(COUNTS_KEY, None, txn)
             failures = []
             if by_status is None:  # not counted yet (a reader of an older index): a scan, as before
-                by_status = dict.fromkeys(STATUSES, 0)
-                for rec in self.iter_files(txn):
-                    by_status[rec.status] = by_status.get(rec.status, 0) + 1
-                    if rec.status == "failed" and len(failures) < max_failures:
-                        failures.append({"path": rec.path, "reason": rec.reason})
+                by_status, failed = scan_counts(self.iter_files(txn))
+                failures = [failed_entry(rec) for rec in failed[:max_failures]]
             else:
                 for _, raw in txn.cursor(db=self.db["failed"]):
                     if len(failures) >= max_failures:
