@@ -11,9 +11,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from indexer.store.integrity import VECTOR_BYTES, thumbnail_ok
+from indexer.store.integrity import VECTOR_BYTES, face_or_why, thumbnail_ok
 from indexer.store.lmdb_store import FaceStore
-from indexer.store.records import FaceRecord, from_u64, unpack
+from indexer.store.records import from_u64
 
 RECORD_KEY = "integrity_check"
 KINDS = ("faces", "vectors", "thumbnails")
@@ -29,14 +29,8 @@ def scan(store: FaceStore, progress: bool = False) -> dict[str, Any]:
         if len(examples) < 10:
             examples.append(from_u64(key) if len(key) == 8 else -1)
 
-    def faces_ok(raw: bytes) -> bool:
-        try:
-            FaceRecord(**unpack(raw))
-        except Exception:  # msgpack raises several types; a wrong shape is a TypeError
-            return False
-        return True
-
-    checks = (("faces", "faces", faces_ok), ("vectors", "vectors", lambda raw: len(raw) == VECTOR_BYTES),
+    checks = (("faces", "faces", lambda raw: not isinstance(face_or_why(raw), str)),
+              ("vectors", "vectors", lambda raw: len(raw) == VECTOR_BYTES),
               ("thumbs", "thumbnails", lambda raw: not raw or thumbnail_ok(raw)))
     started = time.time()
     with store.read(buffers=True) as txn:

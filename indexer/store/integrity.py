@@ -27,13 +27,21 @@ def _report(table: str, key: bytes, why: str) -> None:
                     from_u64(key) if len(key) == 8 else -1, why)
 
 
-def decode_face(key: bytes, raw: bytes) -> FaceRecord | None:
-    """The face record stored under ``key``, or None (with a warning) when it does not decode."""
+def face_or_why(raw: bytes) -> FaceRecord | str:
+    """The face record in ``raw``, or why it does not decode (the exception's name); reports nothing."""
     try:
         return FaceRecord(**unpack(raw))
     except Exception as exc:  # msgpack raises several types; a wrong shape is a TypeError
-        _report("face", key, type(exc).__name__)
+        return type(exc).__name__
+
+
+def decode_face(key: bytes, raw: bytes) -> FaceRecord | None:
+    """The face record stored under ``key``, or None (with a warning) when it does not decode."""
+    face = face_or_why(raw)
+    if isinstance(face, str):
+        _report("face", key, face)
         return None
+    return face
 
 
 def vector_ok(key: bytes, raw: bytes) -> bool:
