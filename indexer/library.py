@@ -53,7 +53,6 @@ class FaceIndex:
         if embedder is not None:
             self.__dict__["embedder"] = embedder
         self.dir = settings.index_path
-        self._people: tuple[tuple[int, int], Any] | None = None  # (store state, persons and their faces)
         self.lock = lock_mod.WriterLock(self.dir, command).acquire() if mode is OpenMode.WRITE else None
         try:
             if mode is OpenMode.EDIT and not store_exists(self.dir):
@@ -301,35 +300,37 @@ class FaceIndex:
 
         return recluster(self.store, self.settings.cluster, method, k, threshold)
 
-    def people(self) -> list[dict[str, Any]]:
-        """Every person (see persons/people.py). Kept until the store changes: a long-lived index (the web app)
-        asks on every page, and one pass over all faces is too slow at 10,000 persons. Do not mutate the rows."""
-        return list(self._people_view()[0])
+    # Persons as the user sees them (persons/people.py): each reads the person tables for what it shows.
+    def people(self, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Persons, largest first: a page of the person tables."""
+        return self._people_module().people(self.store, offset, limit)
 
-    def person(self, cluster_id: int) -> dict[str, Any]:
+    def people_page(self, show: str = "all", query: str = "", offset: int = 0, limit: int = 120) -> dict[str, Any]:
+        """The People page's persons: named first, ``show`` all/named/unnamed, ``query`` a name part or #id."""
+        return self._people_module().people_page(self.store, show, query, offset, limit)
+
+    def person(self, cluster_id: int, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        return self._people_module().person(self.store, cluster_id, offset, limit)
+
+    def outline(self, cluster_id: int) -> dict[str, Any]:
+        """One person's faces as (face id, similarity, confirmed), most central first; ``face_rows`` reads a page."""
+        return self._people_module().outline(self.store, cluster_id)
+
+    def face_rows(self, faces: list[tuple[int, float, bool]]) -> list[dict[str, Any]]:
+        return self._people_module().face_rows(self.store, faces)
+
+    @staticmethod
+    def _people_module() -> Any:
         from indexer.persons import people
 
-        return people.person(self.store, cluster_id, self._people_view()[1].get(cluster_id, ()))
-
-    def _people_view(self) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
-        """(people rows, each person's face ids), computed again only when the store changed."""
-        from indexer.persons import people
-
-        version = people.people_version(self.store)
-        if self._people is None or self._people[0] != version:
-            self._people = (version, people.people_and_members(self.store))
-        return self._people[1]
+        return people
 
     def photo(self, face_id: int) -> dict[str, Any]:
         """The photo of a stored face: path, size, and its faces with their persons."""
-        from indexer.persons import people
-
-        return people.photo(self.store, face_id)
+        return self._people_module().photo(self.store, face_id)
 
     def thumbnail(self, face_id: int) -> bytes:
-        from indexer.persons import people
-
-        return people.thumbnail(self.store, face_id)
+        return self._people_module().thumbnail(self.store, face_id)
 
     def name(self, cluster_id: int, name: str) -> dict[str, Any]:
         from indexer.persons import edits

@@ -213,21 +213,27 @@ def test_contradictory_edits_the_later_wins_and_says_what_it_overrode(index):
 
 
 def test_an_index_from_before_the_word_is_read_as_it_is_and_upgraded_by_a_writer(index, tmp_path):
-    """A schema 1 index (no word tables, names on the clusters) reads as before; its names become the user's."""
-    from indexer.persons.state import load_clustering, save_clustering
+    """A schema 1 index (no word or person tables, centers and names on the clusters) reads as before; its names
+    become the user's, and its first writer builds the person tables."""
+    from indexer.persons.state import load_clustering
     from indexer.store.lmdb_store import SCHEMA_VERSION
-    from indexer.store.records import pack
+    from indexer.store.persons import BUILT_KEY, PERSON_TABLES
+    from indexer.store.records import pack, u64
 
     index.cluster()
-    person = index.people()[0]["id"]
+    before = index.people()
+    person = before[0]["id"]
     store = index.store
 
     def downgrade(txn) -> None:
         clustering = load_clustering(store, txn)
-        clustering.names = {person: "Old Name"}
-        save_clustering(store, txn, clustering)
-        for table in ("word", "names", "history"):
+        for cid, center in zip(clustering.ids.tolist(), clustering.centers, strict=True):  # schema 1's rows
+            rec = {"center": center.tobytes(), "size": clustering.sizes[cid],
+                   "name": "Old Name" if cid == person else ""}
+            txn.put(u64(cid), pack(rec), db=store.db["clusters"])
+        for table in ("word", "names", "history", *PERSON_TABLES):
             txn.drop(store.db[table], delete=True)
+        txn.delete(BUILT_KEY.encode(), db=store.db["meta"])
         txn.put(b"schema", pack(1), db=store.db["meta"])
         txn.delete(b"names_adopted", db=store.db["meta"])
 
@@ -237,9 +243,12 @@ def test_an_index_from_before_the_word_is_read_as_it_is_and_upgraded_by_a_writer
     with FaceIndex(settings_for(path), OpenMode.READ) as reader:
         assert reader.store.get_meta("schema") == 1 and not reader.store.has_table("word")
         assert {r["id"]: r["name"] for r in reader.people()}[person] == "Old Name"
+        assert [(r["id"], r["size"]) for r in reader.people()] == [(r["id"], r["size"]) for r in before]
         assert reader.history() == []
     with FaceIndex(settings_for(path), OpenMode.EDIT) as writer:
         assert writer.store.get_meta("schema") == SCHEMA_VERSION
+        assert [(r["id"], r["size"], r["face"]) for r in writer.people()] == [
+            (r["id"], r["size"], r["face"]) for r in before]
         writer.merge(person, next(r["id"] for r in writer.people() if r["id"] != person))
         assert writer.person(person)["name"] == "Old Name"  # adopted as the user's word, kept by the merge
         writer.undo()

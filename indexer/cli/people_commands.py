@@ -18,22 +18,32 @@ def people() -> None:
     """See, name and correct persons; every recluster keeps what you say here."""
 
 
+def _page_options(fn):
+    fn = click.option("--limit", type=click.IntRange(min=1), default=None,
+                      help="Show at most this many (default: all).")(fn)
+    return click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Skip this many first.")(fn)
+
+
 @people.command("list")
+@_page_options
 @index_options
 @json_option
-def people_list(settings: Settings, as_json: bool) -> None:
-    """Persons with their names, sizes and cohesion (mean similarity to the center); ignored faces left out."""
-    run(settings, lambda fi: fi.people(), as_json, lambda rows: "\n".join(
+def people_list(offset: int, limit: int | None, settings: Settings, as_json: bool) -> None:
+    """Persons, largest first, with their names, sizes and cohesion (mean similarity to the center); ignored
+    faces left out. Reads one page of the person table: --offset/--limit cost what they show."""
+    run(settings, lambda fi: fi.people(offset, limit), as_json, lambda rows: "\n".join(
         f"#{r['id']:<5} {r['size']:>6} faces  cohesion {fmt(r['cohesion'])}  {r['name']}" for r in rows))
 
 
 @people.command("show")
 @click.argument("cluster_id", type=int)
+@_page_options
 @index_options
 @json_option
-def people_show(cluster_id: int, settings: Settings, as_json: bool) -> None:
+def people_show(cluster_id: int, offset: int, limit: int | None, settings: Settings, as_json: bool) -> None:
     """The faces of one person, most central first; [x] marks those you confirmed."""
-    run(settings, lambda fi: fi.person(cluster_id), as_json, lambda r: "\n".join(
+    run(settings, lambda fi: fi.person(cluster_id, offset, limit), as_json, lambda r: "\n".join(
         [f"#{r['id']} {r['name'] or '(unnamed)'}: {r['size']} faces"]
         + [f"  {'[x]' if f['confirmed'] else '[ ]'} {f['similarity']:.3f}  #{f['face_id']:<6} {f['path']}"
            for f in r["faces"]]))

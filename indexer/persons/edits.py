@@ -1,9 +1,10 @@
 """The user's edits of persons: name, merge, remove, move, ignore, unignore, undo (CLI and web app call these).
 
 Each edit is one write transaction: it records the user's word (persons/word.py, with what it overrode and the
-previous values for undo), then re-derives the persons from it (persons/apply.py), so what the user sees changes at
-once and every later recluster obeys the same word. Contradictory edits: the later one wins, and says what it
-overrode.
+previous values for undo), then re-derives the persons it touched from it (persons/apply.py ``rederive_local``), so
+what the user sees changes at once and every later recluster obeys the same word. An edit reads the faces of the
+persons it names (the person tables' members), never the whole index. Contradictory edits: the later one wins, and
+says what it overrode.
 """
 
 from __future__ import annotations
@@ -13,37 +14,36 @@ from typing import Any
 
 from indexer.config import ClusterSettings
 from indexer.errors import ClusteringError, NotFoundError
-from indexer.persons.apply import rederive
-from indexer.persons.state import Clustering, require_clustering
-from indexer.persons.word import Edit, Word, history, load_word, pop_last_edit
+from indexer.persons.apply import rederive_local
+from indexer.persons.state import require_clustered
+from indexer.persons.word import Edit, Word, faces_kept_out_of, history, lazy_word, pop_last_edit
 from indexer.store.lmdb_store import FaceStore
 
 
 def _edit(store: FaceStore, settings: ClusterSettings, op: str, args: dict[str, Any],
-          change: Callable[[Edit, Word, Clustering, Any], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``change`` as one edit: word written, persons re-derived, history appended, in one transaction."""
+          change: Callable[[Edit, Word, Any], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``change`` as one edit: word written, the touched persons re-derived, history appended, in one
+    transaction."""
     def write(txn) -> dict[str, Any]:
-        clustering = require_clustering(store, txn)
-        word = load_word(store, txn)
+        require_clustered(store, txn)
+        word = lazy_word(store, txn)
         edit = Edit(store, txn, op, args)
-        result = change(edit, word, clustering, txn)
-        after = rederive(store, txn, settings)
-        return {**result, "edit": edit.commit(), "overrode": edit.overrode, "persons": len(after.ids)}
+        result = change(edit, word, txn)
+        faces, persons = edit.touched()
+        rederive_local(store, txn, settings, faces, persons)
+        return {**result, "edit": edit.commit(), "overrode": edit.overrode, "persons": store.person_count(txn)}
 
     return store.transact(write)
 
 
-def _person_ids(clustering: Clustering) -> set[int]:
-    return set(clustering.ids.tolist())
-
-
-def _require_person(clustering: Clustering, person: int) -> None:
-    if person not in _person_ids(clustering):
+def _require_person(store: FaceStore, txn, edit: Edit, person: int) -> None:
+    if store.person_row(person, txn) is None:
         raise NotFoundError(f"no person {person}; see `faceindex people list`")
+    edit.persons.add(person)
 
 
 def _faces_of(store: FaceStore, txn, person: int) -> list[int]:
-    return [f.face_id for f in store.iter_faces(txn) if f.cluster == person]
+    return [face_id for face_id, _ in store.member_similarities(person, txn)]
 
 
 def _require_faces(store: FaceStore, txn, face_ids: Iterable[int]) -> dict[int, int]:
@@ -61,9 +61,9 @@ def name(store: FaceStore, settings: ClusterSettings, person: int, new_name: str
     """Name a person (empty: remove the name). Its faces become confirmed: the name stays with them."""
     new_name = new_name.strip()
 
-    def change(edit: Edit, word: Word, clustering: Clustering, txn) -> dict[str, Any]:
-        _require_person(clustering, person)
-        old = clustering.names.get(person, "")
+    def change(edit: Edit, word: Word, txn) -> dict[str, Any]:
+        _require_person(store, txn, edit, person)
+        old = word.names.get(person, "")
         if old and old != new_name:
             edit.overrode.append(f"#{person} was named {old!r}")
         edit.set_name(word, person, new_name)
@@ -80,9 +80,9 @@ def merge(store: FaceStore, settings: ClusterSettings, keep: int, other: int) ->
     if keep == other:
         raise ClusteringError("cannot merge a person with itself")
 
-    def change(edit: Edit, word: Word, clustering: Clustering, txn) -> dict[str, Any]:
-        _require_person(clustering, keep)
-        _require_person(clustering, other)
+    def change(edit: Edit, word: Word, txn) -> dict[str, Any]:
+        _require_person(store, txn, edit, keep)
+        _require_person(store, txn, edit, other)
         members = _faces_of(store, txn, keep) + _faces_of(store, txn, other)
         for face_id in members:
             w = word.of(face_id)
@@ -91,10 +91,11 @@ def merge(store: FaceStore, settings: ClusterSettings, keep: int, other: int) ->
             edit.update_face(word, face_id, person=keep,
                              not_persons=tuple(p for p in w.not_persons if p not in (keep, other)))
         together = set(members)
-        for face_id, w in list(word.faces.items()):  # faces kept out of OTHER are kept out of KEEP now
-            if other in w.not_persons and face_id not in together:
+        for face_id in faces_kept_out_of(store, txn, other):  # faces kept out of OTHER are kept out of KEEP now
+            if face_id not in together:
+                w = word.of(face_id)
                 edit.update_face(word, face_id, not_persons=tuple(sorted({keep, *w.not_persons} - {other})))
-        keep_name, other_name = clustering.names.get(keep, ""), clustering.names.get(other, "")
+        keep_name, other_name = word.names.get(keep, ""), word.names.get(other, "")
         if other_name:
             edit.set_name(word, other, "")
             if keep_name and keep_name != other_name:
@@ -108,8 +109,8 @@ def merge(store: FaceStore, settings: ClusterSettings, keep: int, other: int) ->
 
 def remove(store: FaceStore, settings: ClusterSettings, person: int, face_ids: list[int]) -> dict[str, Any]:
     """These faces are not PERSON: they leave it and never rejoin it."""
-    def change(edit: Edit, word: Word, clustering: Clustering, txn) -> dict[str, Any]:
-        _require_person(clustering, person)
+    def change(edit: Edit, word: Word, txn) -> dict[str, Any]:
+        _require_person(store, txn, edit, person)
         current = _require_faces(store, txn, face_ids)
         for face_id in face_ids:
             w = word.of(face_id)
@@ -127,8 +128,8 @@ def remove(store: FaceStore, settings: ClusterSettings, person: int, face_ids: l
 
 def move(store: FaceStore, settings: ClusterSettings, face_ids: list[int], person: int) -> dict[str, Any]:
     """These faces are PERSON: they are confirmed there and stay with it."""
-    def change(edit: Edit, word: Word, clustering: Clustering, txn) -> dict[str, Any]:
-        _require_person(clustering, person)
+    def change(edit: Edit, word: Word, txn) -> dict[str, Any]:
+        _require_person(store, txn, edit, person)
         current = _require_faces(store, txn, face_ids)
         for face_id in face_ids:
             w = word.of(face_id)
@@ -147,7 +148,7 @@ def move(store: FaceStore, settings: ClusterSettings, face_ids: list[int], perso
 
 def ignore(store: FaceStore, settings: ClusterSettings, face_ids: list[int], ignored: bool = True) -> dict[str, Any]:
     """Not a person worth keeping (or, ``ignored=False``, a person again): never assigned, never counted."""
-    def change(edit: Edit, word: Word, clustering: Clustering, txn) -> dict[str, Any]:
+    def change(edit: Edit, word: Word, txn) -> dict[str, Any]:
         _require_faces(store, txn, face_ids)
         for face_id in face_ids:
             w = word.of(face_id)
@@ -163,14 +164,20 @@ def ignore(store: FaceStore, settings: ClusterSettings, face_ids: list[int], ign
 def undo(store: FaceStore, settings: ClusterSettings) -> dict[str, Any]:
     """Take the last edit back: the user's word is restored exactly, and the persons derived from it again."""
     def write(txn) -> dict[str, Any]:
-        require_clustering(store, txn)
+        require_clustered(store, txn)
         entry = pop_last_edit(store, txn) if store.has_table("history") else None
         if entry is None:
             raise ClusteringError("nothing to undo: no edits in the history")
-        after = rederive(store, txn, settings)
-        return {"undone": entry, "persons": len(after.ids)}
+        faces, persons = entry.pop("touched")
+        rederive_local(store, txn, settings, faces, persons | _persons_in(entry["args"]))
+        return {"undone": entry, "persons": store.person_count(txn)}
 
     return store.transact(write)
+
+
+def _persons_in(args: dict[str, Any]) -> set[int]:
+    """The persons an edit's arguments name (its history entry's ``args``)."""
+    return {int(args[key]) for key in ("id", "keep", "other", "to") if isinstance(args.get(key), int)}
 
 
 def edit_history(store: FaceStore) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The current clustering of faces into persons, persisted in the store: centers, stable ids, person names, metrics.
 
 Layout: meta key ``clustering`` holds the method, its parameters, when it ran, on how many faces, its scores and the
-id mapping of the last recluster; the ``clusters`` table maps a cluster id to its center (raw float32), size and
-name. Each face record carries its cluster id and its similarity to that center.
+id mapping of the last recluster; the store's person tables (indexer/store/persons.py) hold each person's members,
+vector sum and size, and the user's word its name (``names``). Each face record carries its person id and its
+similarity to that person's center.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from indexer.config import ClusterSettings
 from indexer.embedding import stack_vectors
 from indexer.errors import ClusteringError
 from indexer.store.lmdb_store import FaceStore
-from indexer.store.records import from_u64, pack, u64, unpack
+from indexer.store.records import from_u64, unpack
+
+NO_CLUSTERS = "no clusters yet; run `faceindex cluster` first"
 
 
 @dataclass
@@ -39,25 +42,39 @@ class Clustering:
                 "named": len(self.names), "metrics": self.metrics}
 
 
+def person_names(store: FaceStore, txn) -> dict[int, str]:
+    """Person id -> name, from their one home: the user's word (``names``). An index from before the word kept
+    names on its clusters; they count until its first edit or recluster adopts them (persons/apply.py)."""
+    names: dict[int, str] = {}
+    if not store.get_meta("names_adopted", False, txn):
+        for key, raw in txn.cursor(db=store.db["clusters"]):
+            if unpack(raw).get("name"):
+                names[from_u64(key)] = unpack(raw)["name"]
+    if store.has_table("names"):
+        for key, raw in txn.cursor(db=store.db["names"]):
+            name = unpack(raw)
+            if name:
+                names[from_u64(key)] = name
+            else:
+                names.pop(from_u64(key), None)
+    return names
+
+
 def load_clustering(store: FaceStore, txn=None) -> Clustering | None:
+    """The whole clustering: every person's center (from the person tables' sums) and name. For a recluster, an
+    export and the live assignment; an edit, a page and ``status`` read only what they show."""
     if txn is None:
         with store.read() as t:
             return load_clustering(store, t)
     meta = store.get_meta("clustering", None, txn)
     if meta is None:
         return None
-    ids, centers, sizes, names = [], [], {}, {}
-    for key, raw in txn.cursor(db=store.db["clusters"]):
-        rec = unpack(raw)
-        cid = from_u64(key)
-        ids.append(cid)
-        centers.append(np.frombuffer(rec["center"], dtype=np.float32))
-        sizes[cid] = rec.get("size", 0)
-        if rec.get("name"):
-            names[cid] = rec["name"]
+    rows = store.person_rows(txn)
+    names = person_names(store, txn)
     return Clustering(
-        method=meta["method"], params=meta.get("params", {}), ids=np.asarray(ids, dtype=np.int64),
-        centers=stack_vectors(centers), sizes=sizes, names=names,
+        method=meta["method"], params=meta.get("params", {}), ids=np.asarray([r.person for r in rows], np.int64),
+        centers=stack_vectors([r.center for r in rows]), sizes={r.person: r.n for r in rows},
+        names={r.person: names[r.person] for r in rows if r.person in names},
         metrics=meta.get("metrics", {}), created=meta.get("created", 0.0), n_faces=meta.get("n_faces", 0),
         mapping=meta.get("mapping", []),
     )
@@ -69,13 +86,8 @@ def clustering_summary(store: FaceStore) -> dict[str, Any]:
         meta = store.get_meta("clustering", None, txn)
         if meta is None:
             return {"method": None, "k": 0}
-        k = txn.stat(store.db["clusters"])["entries"]
-        named = 0
-        if store.has_table("names") and store.get_meta("names_adopted", False, txn):
-            named = sum(1 for key, raw in txn.cursor(db=store.db["names"])
-                        if unpack(raw) and txn.get(key, db=store.db["clusters"]) is not None)
-        else:  # names still on the clusters (an index from before the user's word): the old way
-            named = sum(1 for _, raw in txn.cursor(db=store.db["clusters"]) if unpack(raw).get("name"))
+        k = store.person_count(txn)
+        named = sum(1 for p in person_names(store, txn) if store.person_row(p, txn) is not None)
     summary = Clustering(method=meta["method"], params=meta.get("params", {}), ids=np.zeros(0, np.int64),
                          centers=np.zeros((0, 0), np.float32), metrics=meta.get("metrics", {}),
                          created=meta.get("created", 0.0), n_faces=meta.get("n_faces", 0)).summary()
@@ -83,19 +95,25 @@ def clustering_summary(store: FaceStore) -> dict[str, Any]:
 
 
 def save_clustering(store: FaceStore, txn, clustering: Clustering) -> None:
-    """Replace the stored clustering (centers, sizes, names, meta) inside the caller's transaction."""
-    cursor = txn.cursor(db=store.db["clusters"])
-    while cursor.first():
-        cursor.delete()
-    for cid, center in zip(clustering.ids.tolist(), clustering.centers, strict=True):
-        rec = {"center": np.ascontiguousarray(center, np.float32).tobytes(), "size": clustering.sizes.get(cid, 0),
-               "name": clustering.names.get(cid, "")}
-        txn.put(u64(cid), pack(rec), db=store.db["clusters"])
-    store.put_meta(txn, "clustering_version", store.get_meta("clustering_version", 0, txn) + 1)
+    """Record a recluster's method, parameters, scores and id mapping inside the caller's transaction (the persons
+    themselves are the person tables, kept by every face write). Clusters of an index from before the person
+    tables are dropped once their names were adopted."""
+    if store.get_meta("names_adopted", False, txn) and txn.stat(store.db["clusters"])["entries"]:
+        txn.drop(store.db["clusters"], delete=False)
+    touched(store, txn)
     store.put_meta(txn, "clustering", {
         "method": clustering.method, "params": clustering.params, "metrics": clustering.metrics,
         "created": clustering.created, "n_faces": clustering.n_faces, "mapping": clustering.mapping[-200:],
     })
+
+
+def touched(store: FaceStore, txn) -> None:
+    """Persons changed (a recluster, an edit): readers caching centers (the live assignment) read them again."""
+    store.put_meta(txn, "clustering_version", store.get_meta("clustering_version", 0, txn) + 1)
+
+
+def has_clustering(store: FaceStore, txn) -> bool:
+    return store.get_meta("clustering", None, txn) is not None and store.person_count(txn) > 0
 
 
 def live_assigner(store: FaceStore, settings: ClusterSettings):
@@ -124,5 +142,11 @@ def live_assigner(store: FaceStore, settings: ClusterSettings):
 def require_clustering(store: FaceStore, txn=None) -> Clustering:
     clustering = load_clustering(store, txn)
     if clustering is None or len(clustering.ids) == 0:
-        raise ClusteringError("no clusters yet; run `faceindex cluster` first")
+        raise ClusteringError(NO_CLUSTERS)
     return clustering
+
+
+def require_clustered(store: FaceStore, txn) -> None:
+    """``require_clustering`` without loading a center: for an edit and a page."""
+    if not has_clustering(store, txn):
+        raise ClusteringError(NO_CLUSTERS)

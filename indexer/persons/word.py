@@ -9,6 +9,7 @@ so ``undo`` restores the word exactly. Only an edit writes these tables, one tra
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,22 +40,51 @@ class FaceWord:
 
 @dataclass
 class Word:
+    """What the user said: of faces (all of them, or those read so far when ``read`` is set) and names."""
+
     faces: dict[int, FaceWord] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)   # person id -> name ("" = the user removed the name)
+    read: Callable[[int], FaceWord] | None = field(default=None, repr=False)
 
     def of(self, face_id: int) -> FaceWord:
+        if face_id not in self.faces and self.read is not None:
+            self.faces[face_id] = self.read(face_id)
         return self.faces.get(face_id, FaceWord())
+
+    def about(self, face_ids: Iterable[int]) -> dict[int, FaceWord]:
+        """The word on ``face_ids`` (faces nothing was said of left out)."""
+        return {f: w for f in face_ids if not (w := self.of(f)).is_empty()}
 
 
 def load_word(store: FaceStore, txn) -> Word:
-    word = Word()
+    """The whole word (a full recluster obeys all of it)."""
+    word = Word(names=_names(store, txn))
     if store.has_table("word"):
         for key, raw in txn.cursor(db=store.db["word"]):
             word.faces[from_u64(key)] = FaceWord.from_dict(unpack(raw))
-    if store.has_table("names"):
-        for key, raw in txn.cursor(db=store.db["names"]):
-            word.names[from_u64(key)] = unpack(raw)
     return word
+
+
+def lazy_word(store: FaceStore, txn) -> Word:
+    """The names, and the word on each face read when first asked for (an edit reads only the faces it touches)."""
+    def read(face_id: int) -> FaceWord:
+        raw = txn.get(u64(face_id), db=store.db["word"]) if store.has_table("word") else None
+        return FaceWord() if raw is None else FaceWord.from_dict(unpack(raw))
+
+    return Word(names=_names(store, txn), read=read)
+
+
+def faces_kept_out_of(store: FaceStore, txn, person: int) -> list[int]:
+    """Faces the user said are not ``person`` (one pass over the word, not over the faces)."""
+    if not store.has_table("word"):
+        return []
+    return [from_u64(key) for key, raw in txn.cursor(db=store.db["word"]) if person in unpack(raw).get("not", ())]
+
+
+def _names(store: FaceStore, txn) -> dict[int, str]:
+    if not store.has_table("names"):
+        return {}
+    return {from_u64(key): unpack(raw) for key, raw in txn.cursor(db=store.db["names"])}
 
 
 class Edit:
@@ -63,6 +93,7 @@ class Edit:
     def __init__(self, store: FaceStore, txn, op: str, args: dict[str, Any]) -> None:
         self.store, self.txn, self.op, self.args = store, txn, op, args
         self.undo: list[tuple[str, bytes, bytes | None]] = []
+        self.persons: set[int] = set()   # persons the edit is about (an edit re-derives only what it touched)
         self.overrode: list[str] = []
         self._seen: set[tuple[str, bytes]] = set()
 
@@ -90,6 +121,10 @@ class Edit:
         word.names[person] = name
         self._write("names", u64(person), pack(name))
 
+    def touched(self) -> tuple[set[int], set[int]]:
+        """(faces, persons) whose word this edit wrote, with the persons it is about."""
+        return touched_by(self.undo, self.persons)
+
     def commit(self) -> dict[str, Any]:
         """Append this edit to the history (in the same transaction); returns its entry without the undo data."""
         seq = self.store.get_meta("edit_seq", 0, self.txn) + 1
@@ -98,6 +133,12 @@ class Edit:
                  "undo": [[t, k, v] for t, k, v in self.undo]}
         self.txn.put(u64(seq), pack(entry), db=self.store.db["history"])
         return public_entry(entry)
+
+
+def touched_by(undo: Iterable[Sequence[Any]], persons: Iterable[int] = ()) -> tuple[set[int], set[int]]:
+    """(faces, persons) named by an edit's undo records (table, key, old value)."""
+    faces = {from_u64(key) for table, key, _ in undo if table == "word"}
+    return faces, {*persons, *(from_u64(key) for table, key, _ in undo if table == "names")}
 
 
 def public_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -124,4 +165,4 @@ def pop_last_edit(store: FaceStore, txn) -> dict[str, Any] | None:
         else:
             txn.put(key, old, db=store.db[table])
     cursor.delete()
-    return public_entry(entry)
+    return {**public_entry(entry), "touched": touched_by(entry["undo"])}

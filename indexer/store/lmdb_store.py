@@ -29,6 +29,7 @@ from indexer.fsutil import private_dir
 from indexer.store.files import COUNTS_KEY, FileTable, count_files
 from indexer.store.integrity import decode_face, vector_ok
 from indexer.store.mapguard import MapGuard, storage_error
+from indexer.store.persons import BUILT_KEY, PERSON_TABLES, PersonTable, placed
 from indexer.store.records import FaceRecord, NewFace, from_u64, pack, u64, unpack
 
 # 2: the user's word about persons (tables word, names, history) and each face's suggested person. A version 1
@@ -36,13 +37,15 @@ from indexer.store.records import FaceRecord, NewFace, from_u64, pack, u64, unpa
 # 3: files counted by status (meta file_counts) and the failed files in a table of their own (files.py), kept with
 # every file record; the first writer of an older index counts it once. An older faceindex refuses a version 3
 # index (it would not keep the counts).
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)
+# 4: the person tables (persons.py: members, vector sums, sizes, suggestions), kept with every face write; the first
+# writer of an older index builds them once.
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, 4)
 STORE_DIR = "store.lmdb"
 SNAPSHOT_FILE = "vectors.faiss"  # beside it: the FAISS snapshot (indexer/store/sync.py)
 _DBS = ("meta", "files", "sha", "faces", "vectors", "thumbs", "log", "clusters", "word", "names", "history",
-        "failed")
-_OPTIONAL = ("word", "names", "history", "failed")  # absent from an older index until a writer opens it
+        "failed", *PERSON_TABLES)
+_OPTIONAL = ("word", "names", "history", "failed", *PERSON_TABLES)  # absent from an older index until a writer
 _INITIAL_MAP = 1 << 30      # 1 GiB; sparse on Linux, doubled whenever a transaction fills it
 
 
@@ -50,7 +53,7 @@ def store_exists(index_dir: str | Path) -> bool:
     return (Path(index_dir) / STORE_DIR / "data.mdb").is_file()
 
 
-class FaceStore(FileTable):
+class FaceStore(FileTable, PersonTable):
     """LMDB environment of one index. ``readonly`` opens for queries from other processes."""
 
     def __init__(self, index_dir: str | Path, readonly: bool = False) -> None:
@@ -84,6 +87,8 @@ class FaceStore(FileTable):
                     txn.put(b"created", pack(time.time()), db=self.db["meta"])
                 if self.get_meta(COUNTS_KEY, None, txn) is None:
                     count_files(self, txn)  # once: every file record of an older index (seconds per 100k)
+                if not self.get_meta(BUILT_KEY, False, txn):
+                    self.build_person_tables(txn)  # once: every face of an older index
                 txn.put(b"schema", pack(SCHEMA_VERSION), db=self.db["meta"])
 
             self.transact(upgrade)
@@ -199,11 +204,14 @@ class FaceStore(FileTable):
         txn.put(u64(face_id), pack(rec.to_dict()), db=self.db["faces"])
         txn.put(u64(face_id), vector.tobytes(), db=self.db["vectors"])
         txn.put(u64(face_id), face.thumbnail, db=self.db["thumbs"])
+        self._face_moved(txn, face_id, placed(None), placed(rec), None, vector)
         self._log(txn, "a", face_id)
         return face_id
 
     def _remove_face(self, txn: lmdb.Transaction, face_id: int) -> None:
         key = u64(face_id)
+        self._face_moved(txn, face_id, placed(self.get_face(face_id, txn)), placed(None),
+                         self.get_vector(face_id, txn), None)
         for name in ("faces", "vectors", "thumbs"):
             txn.delete(key, db=self.db[name])
         self._log(txn, "r", face_id)
@@ -213,8 +221,12 @@ class FaceStore(FileTable):
         word and, until the next recluster, its person). Logged as 'u' (sync.py)."""
         rec = self.get_face(face_id, txn)
         rec.box, rec.prob, rec.landmarks = [float(v) for v in face.box], float(face.prob), face.landmarks
+        vector = np.ascontiguousarray(face.vector, dtype=np.float32)
+        old_vector = self.get_vector(face_id, txn)
+        self._face_moved(txn, face_id, placed(rec), placed(rec), None if old_vector is None else old_vector.copy(),
+                         vector)
         txn.put(u64(face_id), pack(rec.to_dict()), db=self.db["faces"])
-        txn.put(u64(face_id), np.ascontiguousarray(face.vector, dtype=np.float32).tobytes(), db=self.db["vectors"])
+        txn.put(u64(face_id), vector.tobytes(), db=self.db["vectors"])
         txn.put(u64(face_id), face.thumbnail, db=self.db["thumbs"])
         self._log(txn, "u", face_id)
 
@@ -222,8 +234,15 @@ class FaceStore(FileTable):
         raw = self._get("faces", u64(face_id), txn)
         return None if raw is None else decode_face(u64(face_id), raw)
 
-    def put_face(self, txn: lmdb.Transaction, face: FaceRecord) -> None:
-        """Rewrite a face's record (its person, similarity, suggestion); its vector and thumbnail stay."""
+    def put_face(self, txn: lmdb.Transaction, face: FaceRecord, old: tuple[int, int, float] | None = None,
+                 vector: np.ndarray | None = None) -> None:
+        """Rewrite a face's record (its person, similarity, suggestion); its vector and thumbnail stay. ``old``
+        (``placed`` of the stored record) and ``vector`` spare the person tables a read when the caller has them."""
+        if old is None:
+            old = placed(self.get_face(face.face_id, txn))
+        if vector is None:
+            vector = self.get_vector(face.face_id, txn)
+        self._face_moved(txn, face.face_id, old, placed(face), vector, vector)
         txn.put(u64(face.face_id), pack(face.to_dict()), db=self.db["faces"])
 
     def reusable_faces(self, txn: lmdb.Transaction, path: str) -> list[NewFace]:

@@ -1,7 +1,7 @@
 """The JSON API under /api/: the same library calls as the CLI, and the same shapes as its --json output.
 
 GET  /api/people[?offset=&limit=]    people list --json (each row also names ``face``, its picture)
-GET  /api/people/{id}                people show ID --json
+GET  /api/people/{id}[?offset=&limit=]  people show ID --json
 POST /api/people/{id}/name           {"name": "Ada"}             people name ID NAME
 POST /api/people/{id}/merge          {"other": 12}               people merge ID 12 (12 joins ID)
 POST /api/people/{id}/remove         {"faces": [431, 432]}       people remove ID 431 432
@@ -41,14 +41,16 @@ def _person_id(request: Request) -> int:
 
 
 async def people(request: Request) -> JSONResponse:
-    rows = await call(_backend(request).fi.people)
-    offset = query_int(request, "offset", 0)
-    limit = query_int(request, "limit", len(rows))
-    return JSONResponse(rows[offset:offset + limit])
+    offset = max(0, query_int(request, "offset", 0))
+    limit = query_int(request, "limit", 0)
+    return JSONResponse(await call(_backend(request).fi.people, offset, limit if limit > 0 else None))
 
 
 async def person(request: Request) -> JSONResponse:
-    return JSONResponse(await call(_backend(request).fi.person, _person_id(request)))
+    offset = max(0, query_int(request, "offset", 0))
+    limit = query_int(request, "limit", 0)
+    return JSONResponse(await call(_backend(request).fi.person, _person_id(request), offset,
+                                   limit if limit > 0 else None))
 
 
 async def name(request: Request) -> JSONResponse:

@@ -7,6 +7,7 @@ the page to look at next (POST-redirect-GET) and says what it did, and what it o
 from __future__ import annotations
 
 import mimetypes
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,28 +38,33 @@ async def people(request: Request) -> Response:
     show = request.query_params.get("show", "all")
     show = show if show in views.SHOW else "all"
     query = request.query_params.get("q", "")
+    number = max(1, query_int(request, "page", 1))
     try:
-        rows = await call(_backend(request).fi.people)
+        answer = await call(_backend(request).fi.people_page, show, query, (number - 1) * PEOPLE_PER_PAGE,
+                            PEOPLE_PER_PAGE)
     except ClusteringError as exc:  # a new index: say what to do, on the page the user opened
         return render(request, "people.html", title="People", page=None, show=show, q=query, notice=str(exc))
-    page = views.paginate(views.order_people(rows, show, query), query_int(request, "page", 1), PEOPLE_PER_PAGE)
-    unnamed = sum(1 for r in rows if not r["name"])
+    page = views.page_of(answer["rows"], number, PEOPLE_PER_PAGE, answer["total"])
     return render(request, "people.html", title="People", page=page, show=show, q=query, notice=None,
-                  persons=len(rows), unnamed=unnamed)
+                  persons=answer["persons"], unnamed=answer["unnamed"])
 
 
 async def person(request: Request) -> Response:
     pid = request.path_params["person"]
-    backend = _backend(request)
-    shown = await call(backend.fi.person, pid)
-    rows = await call(backend.fi.people)
+    fi = _backend(request).fi
+    shown = await call(fi.outline, pid)
     confirmed, suggested = views.split_faces(shown["faces"])
+    confirmed = views.paginate(confirmed, query_int(request, "cpage", 1), FACES_PER_PAGE)
+    suggested = views.paginate(suggested, query_int(request, "spage", 1), FACES_PER_PAGE)
+    confirmed = replace(confirmed, items=await call(fi.face_rows, confirmed.items))
+    suggested = replace(suggested, items=await call(fi.face_rows, suggested.items))
     merge_q = request.query_params.get("merge_q", "")
-    named = [r for r in views.order_people(rows, "named") if r["id"] != pid][:NAMED_IN_LIST]
+    named = [r for r in (await call(fi.people_page, "named", "", 0, NAMED_IN_LIST + 1))["rows"]
+             if r["id"] != pid][:NAMED_IN_LIST]
+    found = (await call(fi.people_page, "all", merge_q, 0, 21))["rows"] if merge_q.strip() else []
     return render(request, "person.html", title=shown["name"] or f"Person #{pid}", person=shown,
-                  confirmed=views.paginate(confirmed, query_int(request, "cpage", 1), FACES_PER_PAGE),
-                  suggested=views.paginate(suggested, query_int(request, "spage", 1), FACES_PER_PAGE),
-                  merge_q=merge_q, candidates=views.candidates(rows, merge_q, pid), named=named)
+                  confirmed=confirmed, suggested=suggested, merge_q=merge_q,
+                  candidates=views.candidates(found, merge_q, pid), named=named)
 
 
 def _local(target: Any, default: str) -> str:

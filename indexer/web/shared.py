@@ -68,7 +68,7 @@ class Backend:
     def names(self) -> dict[int, str]:
         """Person id -> name ("" when unnamed) for labelling matches; empty before the first clustering."""
         try:
-            return {r["id"]: r["name"] for r in self.fi.people()}
+            return {r["id"]: r["name"] for r in self.fi.people_page("named", limit=1 << 30)["rows"]}
         except ClusteringError:
             return {}
 

@@ -23,6 +23,12 @@ def paginate(items: list[Any], number: int, per_page: int) -> Page:
     return Page(items[(number - 1) * per_page:number * per_page], number, pages, len(items))
 
 
+def page_of(items: list[Any], number: int, per_page: int, total: int) -> Page:
+    """A page the library already cut (``items`` are page ``number`` of ``total``)."""
+    pages = max(1, math.ceil(total / per_page))
+    return Page(items, min(max(1, number), pages), pages, total)
+
+
 def matches(row: dict[str, Any], query: str) -> bool:
     """A person matches ``query`` by a part of its name (any case) or by its id (``12`` or ``#12``)."""
     query = query.strip()
@@ -48,9 +54,13 @@ def candidates(rows: list[dict[str, Any]], query: str, exclude: int, limit: int 
     return [r for r in order_people(rows, "all", query) if r["id"] != exclude][:limit]
 
 
-def split_faces(faces: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A person's faces: those the user placed there (confirmed), and those the clusterer suggested."""
-    return [f for f in faces if f["confirmed"]], [f for f in faces if not f["confirmed"]]
+def split_faces(faces: list[Any]) -> tuple[list[Any], list[Any]]:
+    """A person's faces: those the user placed there (confirmed), and those the clusterer suggested. A face is a
+    record (``confirmed`` key) or an outline entry (face id, similarity, confirmed)."""
+    def confirmed(face: Any) -> bool:
+        return bool(face["confirmed"] if isinstance(face, dict) else face[2])
+
+    return [f for f in faces if confirmed(f)], [f for f in faces if not confirmed(f)]
 
 
 def box_view(box: list[float], width: int, height: int) -> dict[str, float]:
