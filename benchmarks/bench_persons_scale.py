@@ -17,8 +17,13 @@ pairwise / BCubed F1 against the generator's identities. Spreads:
 The k-NN graph's recall is measured on 300 sampled faces: the share of their true neighbours at cosine >= the
 linkage floor (exact search) that the graph holds.
 
-Not built yet, so printed as "not measured" and null in the JSON (issue 24 items 2, 3 and 5): the local recluster,
-incremental assignment, edits, pages and status through the real CLI and server.
+Then (``--no-ops`` skips it) the same child writes the faces into a real index, applies the recluster's persons as
+``faceindex cluster`` does, and times the real CLI (whole processes: ``status``, ``people list``, ``people show``,
+edits, a merge of the two largest persons) and the real server (People page, Person page, edits through the API):
+benchmarks/persons_ops.py. With --smoke, for the geometric spread only.
+
+Not built yet, so printed as "not measured" and null in the JSON (issue 24 items 3 and 4): the local recluster and
+the incremental assignment of new faces.
 
 ``--smoke``: 20,000 faces, both spreads; seconds to a minute, checks that the script runs.
 """
@@ -44,8 +49,8 @@ FULL_SIZES, SMOKE_SIZES = (100_000, 300_000, 1_000_000), (20_000,)
 SPREADS = ("geometric", "family")
 CHUNK = 100_000
 RECALL_QUERIES = 300
-NOT_BUILT = ("local_recluster_s", "assign_ms_per_face", "edit_p50_ms", "edit_p95_ms", "people_page_ms",
-             "person_page_ms", "status_s")
+NOT_BUILT = ("local_recluster_s", "assign_ms_per_face")
+OPS_KEYS = ("edit_p50_ms", "edit_p95_ms", "people_page_ms", "person_page_ms", "status_s")
 TARGETS_1M = {"recluster_s": 600.0, "recluster_rss_mb": 4096.0}
 
 
@@ -118,8 +123,9 @@ def graph_recall(x: np.ndarray, floor: float, rng: np.random.Generator) -> float
     return found / wanted if wanted else 1.0
 
 
-def child(n: int, spread: str, seed: int, model_path: str) -> dict:
-    """One size and spread in this process: generate, recluster, report (printed as one JSON line)."""
+def child(n: int, spread: str, seed: int, model_path: str, ops: bool) -> dict:
+    """One size and spread in this process: generate, recluster, report (printed as one JSON line); ``ops``: then
+    write a real index of these faces and time the CLI and the server on it (persons_ops.py)."""
     from indexer.cluster import external_scores
     from indexer.cluster.identity import DEFAULT_THRESHOLD
     from indexer.config import ClusterSettings
@@ -146,7 +152,16 @@ def child(n: int, spread: str, seed: int, model_path: str) -> dict:
             "unassigned": int((labels < 0).sum()), "pairwise_f1": round(float(scores["pairwise_f1"]), 4),
             "bcubed_f1": round(float(scores["bcubed_f1"]), 4),
             "graph_recall": round(graph_recall(x, DEFAULT_THRESHOLD["adaptive"], rng), 4),
-            **{key: None for key in NOT_BUILT}}
+            **{key: None for key in NOT_BUILT}, **{key: None for key in OPS_KEYS}, **(_ops(x, computed) if ops else {})}
+
+
+def _ops(x: np.ndarray, computed) -> dict:
+    from benchmarks.persons_ops import build, measure
+    from indexer.config import ClusterSettings
+
+    with tempfile.TemporaryDirectory(prefix="bench-persons-index-") as tmp:
+        built = build(Path(tmp) / "index", x, computed, ClusterSettings())
+        return {**built, **measure(Path(tmp) / "index")}
 
 
 def cached_views() -> dict | None:
@@ -184,7 +199,7 @@ def fit_model(smoke: bool, out: Path) -> str:
     return f"{int(lfw['found'].sum())} LFW faces" + (f" ({lfw['source']})" if "source" in lfw else "")
 
 
-def run(sizes: list[int], seed: int, say) -> dict:
+def run(sizes: list[int], seed: int, say, ops: bool = True) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-persons-") as tmp:
         model_path = Path(tmp) / "face_model.npz"
@@ -195,8 +210,9 @@ def run(sizes: list[int], seed: int, say) -> dict:
             f"{'(true)':>9}{'largest':>9}{'(true)':>8}{'pairwise':>9}{'BCubed':>8}{'graph rec.':>11}")
         for n in sizes:
             for spread in SPREADS:
+                with_ops = ops and (spread == "geometric" or n > SMOKE_SIZES[0])  # smoke: one spread suffices
                 proc = subprocess.run([sys.executable, __file__, "--child", str(n), spread, str(seed),
-                                       str(model_path)], capture_output=True, text=True, cwd=REPO)
+                                       str(model_path), str(int(with_ops))], capture_output=True, text=True, cwd=REPO)
                 if proc.returncode != 0:
                     raise SystemExit(f"child {n} {spread} failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -205,7 +221,16 @@ def run(sizes: list[int], seed: int, say) -> dict:
                     f"{r['rss_with_vectors_mb']:>10,}{r['persons']:>9,}{r['true_persons']:>9,}"
                     f"{r['largest_person']:>9,}{r['true_largest_person']:>8,}{r['pairwise_f1']:>9.4f}"
                     f"{r['bcubed_f1']:>8.4f}{r['graph_recall']:>11.4f}")
-    say("  not measured (not built yet, issue 24 items 2, 3, 5): " + ", ".join(NOT_BUILT))
+                if r.get("status_s") is not None:
+                    say(f"      index written {r['write_s']} s, persons applied {r['apply_s']} s, snapshot "
+                        f"{r['snapshot_s']} s; CLI: status "
+                        f"{r['status_s']} s, people list {r['people_list_cli_s']} s, people show "
+                        f"{r['person_show_cli_s']} s, edit p50 {r['edit_cli_p50_s']} s p95 {r['edit_cli_p95_s']} s,"
+                        f" merge of the two largest ({r['largest_persons']}) {r['merge_largest_cli_s']} s")
+                    say(f"      server: People page {r['people_page_ms']} ms, Person page {r['person_page_ms']} ms,"
+                        f" edit p50 {r['edit_p50_ms']} ms p95 {r['edit_p95_ms']} ms ({r['edits']} edits), merge "
+                        f"of the two largest {r['merge_largest_ms']} ms")
+    say("  not measured (not built yet, issue 24 item 3, 4): " + ", ".join(NOT_BUILT))
     at_1m = [r for r in rows if r["n"] >= 1_000_000]
     met = {key: all(r[key] <= limit for r in at_1m) for key, limit in TARGETS_1M.items()} if at_1m else None
     if met is not None:
@@ -220,11 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default=None, help="comma-separated face counts (default 100000,300000,1000000)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None, help="also write bench_persons_scale.json/.txt here")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--no-ops", action="store_true", help="the recluster only: no index, CLI or server timed")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        n, spread, seed, model = args.child
-        print(json.dumps(child(int(n), spread, int(seed), model)))
+        n, spread, seed, model, ops = args.child
+        print(json.dumps(child(int(n), spread, int(seed), model, ops == "1")))
         return
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(SMOKE_SIZES if args.smoke else
                                                                              FULL_SIZES)
@@ -234,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(line)
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    result = {**run(sizes, args.seed, say), "smoke": bool(args.smoke)}
+    result = {**run(sizes, args.seed, say, ops=not args.no_ops), "smoke": bool(args.smoke)}
     if args.json:
         print(json.dumps(result))
     if args.out:

@@ -61,7 +61,7 @@ def thumbnail() -> bytes:
 def build_index(index: Path, labels: np.ndarray, vectors: np.ndarray) -> None:
     from indexer.persons.state import Clustering, save_clustering
     from indexer.store.lmdb_store import FaceStore
-    from indexer.store.records import FileRecord, NewFace
+    from indexer.store.records import FileRecord, NewFace, pack, u64
 
     persons = int(labels.max()) + 1
     centers = np.stack([vectors[labels == p].mean(axis=0) for p in range(persons)])
@@ -76,6 +76,9 @@ def build_index(index: Path, labels: np.ndarray, vectors: np.ndarray) -> None:
                            cluster=person, similarity=sim)
             store.put_file(txn, FileRecord(f"/synthetic/{person}/{i}.jpg", 1, 1, f"{i:064x}", "indexed"), [face])
         sizes = np.bincount(labels, minlength=persons)
+        for p in range(0, persons, 3):  # names live in the user's word (persons/word.py)
+            txn.put(u64(p), pack(f"Person {p}"), db=store.db["names"])
+        store.put_meta(txn, "names_adopted", True)
         save_clustering(store, txn, Clustering(
             method="synthetic", params={}, ids=np.arange(persons, dtype=np.int64), centers=centers,
             sizes={p: int(n) for p, n in enumerate(sizes)},

@@ -278,12 +278,21 @@ class FaceIndex:
         from indexer.store.check import last
 
         counts = self.store.counts()
-        index = self.vectors
         return {"index_dir": str(self.dir), "files": counts["files"], "faces": counts["faces"],
-                "model": counts["model"],
-                "index": {**index.info(), "snapshot_seq": index.saved_seq, "store_seq": counts["seq"]},
+                "model": counts["model"], "index": self._index_info(counts["seq"], counts["model"]),
                 "clusters": clustering_summary(self.store), "daemon": daemon_status(self.dir),
                 "store_bytes": self.store.disk_bytes(), "failures": counts["failures"], "damaged": last(self.store)}
+
+    def _index_info(self, seq: int, model: str | None) -> dict[str, Any]:
+        """The vector index for ``status``: from a current snapshot's header, else the index loaded and caught up."""
+        from indexer.store.lmdb_store import SNAPSHOT_FILE
+        from indexer.store.snapshot_info import status_info
+
+        if "vectors" not in self.__dict__ and (  # not loaded yet (a cached_property)
+                info := status_info(self.dir / SNAPSHOT_FILE, seq, model, self.settings.index)) is not None:
+            return info
+        index = self.vectors
+        return {**index.info(), "snapshot_seq": index.saved_seq, "store_seq": seq}
 
     def check(self, progress: bool = False) -> dict[str, Any]:
         """``faceindex check``: read and check every record; the findings are kept for ``status``."""
@@ -333,39 +342,31 @@ class FaceIndex:
         return self._people_module().thumbnail(self.store, face_id)
 
     def name(self, cluster_id: int, name: str) -> dict[str, Any]:
-        from indexer.persons import edits
-
-        return edits.name(self.store, self.settings.cluster, cluster_id, name)
+        return self._edits().name(self.store, self.settings.cluster, cluster_id, name)
 
     def merge(self, keep: int, other: int) -> dict[str, Any]:
-        from indexer.persons import edits
-
-        return edits.merge(self.store, self.settings.cluster, keep, other)
+        return self._edits().merge(self.store, self.settings.cluster, keep, other)
 
     def remove_faces(self, cluster_id: int, face_ids: list[int]) -> dict[str, Any]:
-        from indexer.persons import edits
-
-        return edits.remove(self.store, self.settings.cluster, cluster_id, face_ids)
+        return self._edits().remove(self.store, self.settings.cluster, cluster_id, face_ids)
 
     def move_faces(self, face_ids: list[int], cluster_id: int) -> dict[str, Any]:
-        from indexer.persons import edits
-
-        return edits.move(self.store, self.settings.cluster, face_ids, cluster_id)
+        return self._edits().move(self.store, self.settings.cluster, face_ids, cluster_id)
 
     def ignore_faces(self, face_ids: list[int], ignored: bool = True) -> dict[str, Any]:
-        from indexer.persons import edits
-
-        return edits.ignore(self.store, self.settings.cluster, face_ids, ignored)
+        return self._edits().ignore(self.store, self.settings.cluster, face_ids, ignored)
 
     def undo(self) -> dict[str, Any]:
-        from indexer.persons import edits
-
-        return edits.undo(self.store, self.settings.cluster)
+        return self._edits().undo(self.store, self.settings.cluster)
 
     def history(self) -> list[dict[str, Any]]:
+        return self._edits().edit_history(self.store)
+
+    @staticmethod
+    def _edits() -> Any:
         from indexer.persons import edits
 
-        return edits.edit_history(self.store)
+        return edits
 
     def export(self, out: str | Path) -> dict[str, Any]:
         from indexer.persons.artefacts import export

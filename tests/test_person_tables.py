@@ -85,3 +85,24 @@ def test_each_edit_kind_rederives_locally_as_a_full_pass_would(index):  # noqa: 
         index.undo()
         a_full_rederive_changes_nothing(index)
     tables_match_a_scan(index.store)
+
+
+def test_status_reads_a_current_snapshot_header_and_loads_the_index_only_when_stale(index, tmp_path):  # noqa: F811
+    from indexer.library import FaceIndex, OpenMode
+    from indexer.store.lmdb_store import SNAPSHOT_FILE
+    from indexer.store.snapshot_info import status_info
+    from tests.conftest import settings_for
+
+    index.vectors.save(force=True)
+    seq, model = index.store.get_meta("seq"), index.store.get_meta("model")
+    loaded = {**index.vectors.info(), "snapshot_seq": index.vectors.saved_seq, "store_seq": seq}
+    index.close()
+    settings = settings_for(tmp_path / "index")
+    with FaceIndex(settings, OpenMode.READ) as reader:
+        assert reader.status()["index"] == loaded
+        assert "vectors" not in reader.__dict__, "status read the header, not the index"
+    path = tmp_path / "index" / SNAPSHOT_FILE
+    assert status_info(path, seq, model, settings.index) == loaded
+    assert status_info(path, seq + 1, model, settings.index) is None  # stale: the index is loaded and caught up
+    path.write_bytes(b"garbage")
+    assert status_info(path, seq, model, settings.index) is None

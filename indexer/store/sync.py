@@ -19,7 +19,6 @@ opened the store for writing writes it; the others read the store while it is mi
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from indexer.store.choose import STORE_RERANK, IndexChoice, choose_index, memory
 from indexer.store.compressed import StoreVectors
 from indexer.store.lmdb_store import SNAPSHOT_FILE, FaceStore
 from indexer.store.packed import PACKED_FILE, PackedVectors, PackedWriter, TeeSource, write_all, write_merged
+from indexer.store.snapshot_info import physical_memory
 from indexer.store.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -224,16 +224,3 @@ def uses_packed(choice: IndexChoice) -> bool:
     EXACT_MAX_VECTORS) keeps reading the store: under 50,000 faces its pages stay in the page cache, and its
     answers keep the exact float32 similarities."""
     return choice.key.endswith(STORE_RERANK) and choice.nlist > 0
-
-
-def physical_memory() -> int | None:
-    """Bytes of memory this process may use: the machine's, or its cgroup's limit when lower (containers)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-    except OSError:
-        return total
-    return min(total, int(limit)) if limit.isdigit() else total

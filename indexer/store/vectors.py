@@ -26,7 +26,6 @@ fields (canonical JSON) and the payload, so damage anywhere past the magic is ca
 from __future__ import annotations
 
 import json
-import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -49,13 +48,11 @@ from indexer.store.choose import (
     index_kind,
 )
 from indexer.store.compressed import ArrayVectors, VectorSource, rerank, train_coarse
+from indexer.store.snapshot_info import LENGTH, MAGIC, MAX_HEADER_BYTES
 
-MAGIC = b"FIDXV1\n"
 FORMAT_VERSION = 1
-_LEN = struct.Struct("<Q")
+_LEN = LENGTH
 REFINE_SUFFIX = ",RFlat"
-# A header is a few hundred bytes of JSON; anything far larger means the length field itself is garbage.
-MAX_HEADER_BYTES = 16 * 1024 * 1024
 # Unit rows drift by float32 rounding only; a norm off by more means unnormalised input, for which inner products
 # are not cosines.
 NORM_TOLERANCE = 1e-3

@@ -47,15 +47,16 @@ recluster_growth = 0.1  # the daemon reclusters once the index grew by a tenth
 
 @dataclass(frozen=True)
 class Trial:
-    process: str   # ingest | watch | cluster
+    process: str   # ingest | watch | cluster | edit
     fault: str     # commit | snapshot | recluster | outside
 
 
-# 32 trials: where a process can die, each several times with different changes and moments.
+# 33 trials: where a process can die, each several times with different changes and moments.
 TRIALS = ([Trial("ingest", "commit")] * 6 + [Trial("ingest", "snapshot")] * 4 + [Trial("ingest", "outside")] * 4
           + [Trial("watch", "commit")] * 5 + [Trial("watch", "snapshot")] * 3 + [Trial("watch", "outside")] * 4
           + [Trial("watch", "recluster")] * 2
-          + [Trial("cluster", "recluster")] * 2 + [Trial("cluster", "commit")] * 1 + [Trial("cluster", "outside")] * 1)
+          + [Trial("cluster", "recluster")] * 2 + [Trial("cluster", "commit")] * 1 + [Trial("cluster", "outside")] * 1
+          + [Trial("edit", "commit")] * 1)
 FAST = {0}  # `make test` runs this one (ingest dying just before a commit); `make test-faults` all 32
 
 
@@ -116,6 +117,7 @@ class Lab:
                   if r["id"] != ada]
         assert len(others) >= 4, f"the baseline needs 5 persons for every kind of edit, it has {len(others) + 1}"
         cli("people", "merge", str(others[0]), str(others[1]), *index)
+        self.edit = ["people", "merge", str(ada), str(others[2])]  # the edit trial's: Ada takes a whole person
 
         def faces(person: int) -> list[int]:
             return [f["face_id"] for f in cli_json("people", "show", str(person), *index)["faces"]]
@@ -168,7 +170,7 @@ def _run_and_kill(lab: Lab, trial: Trial, rng: random.Random) -> str:
     """Restore the baseline, run the trial's process with its fault (changing the folder under a daemon) and see
     it killed; returns where. A kill from outside that comes after the process already finished is tried again,
     sooner (same seed, so the same changes)."""
-    commits = 1 if trial.process == "cluster" else 3  # a cluster run commits once: its result
+    commits = 1 if trial.process in ("cluster", "edit") else 3  # a cluster run or an edit commits once
     nth = {"commit": rng.randint(1, commits), "snapshot": rng.randint(1, 2), "recluster": 1}.get(trial.fault)
     # From outside: a random delay after the trial's marker (the daemon: the first change; ingest: its k-th
     # commit, k = 0 meaning its start; cluster: its start).
@@ -190,7 +192,8 @@ def _attempt(lab: Lab, trial: Trial, rng: random.Random, nth: int | None, delay:
              after_commits: int) -> tuple[int, Child]:
     lab.restore()
     base = _last_commit(lab.index)
-    args = {"ingest": ["ingest", str(lab.photos)], "watch": ["watch", str(lab.photos)], "cluster": ["cluster"]}
+    args = {"ingest": ["ingest", str(lab.photos)], "watch": ["watch", str(lab.photos)], "cluster": ["cluster"],
+            "edit": lab.edit}
     args = [*args[trial.process], "--index", str(lab.index), "--config", str(lab.config)]
     if trial.process == "ingest":
         lab.change(rng, deletes=False)

@@ -1,0 +1,146 @@
+"""What a user's persons operations cost on a big index (bench_persons_scale's second half, issue 24 items 2 and 5).
+
+``build`` writes the generated faces into a real index (one photo per face, a small JPEG thumbnail each, in
+transactions of ``BATCH``) and applies the recluster's result exactly as ``faceindex cluster`` does
+(``persons.recluster.apply``: stable ids, the user's word, the person tables), and saves the FAISS snapshot as
+ingest does. ``measure`` then times, one after
+the other:
+- whole processes of the real CLI, start-up included: ``status``, ``people list --limit 120``,
+  ``people show --limit 96`` of the largest person, and edits (name, move, remove, ignore, undo; a merge of the two
+  largest persons and its undo);
+- the real server (``faceindex serve``, models loaded first): the People page, the largest person's page, and the
+  same edits through the JSON API (``edit_p50_ms`` / ``edit_p95_ms`` over all of them, the merge apart).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCH = 5_000
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(index: Path, x: np.ndarray, computed, settings) -> dict:
+    """A real index of ``x`` with the persons of ``computed``; seconds to write and to apply."""
+    from benchmarks.bench_serve import thumbnail
+    from indexer.config import IndexSettings
+    from indexer.persons.recluster import apply
+    from indexer.store.lmdb_store import FaceStore
+    from indexer.store.records import FileRecord, NewFace
+    from indexer.store.sync import SyncedIndex
+
+    thumb = thumbnail()
+    store = FaceStore(index)
+    started = time.perf_counter()
+    for start in range(0, len(x), BATCH):
+        def fill(txn, start: int = start) -> None:
+            for i in range(start, min(start + BATCH, len(x))):
+                face = NewFace(box=[0, 0, 96, 96], prob=1.0, landmarks=[[0, 0]] * 5, vector=x[i], thumbnail=thumb)
+                store.put_file(txn, FileRecord(f"/bench/{i:07d}.jpg", 1, 1, f"{i:064x}", "indexed"), [face])
+
+        store.transact(fill)
+    written = time.perf_counter() - started
+    started = time.perf_counter()
+    apply(store, computed, settings)
+    applied = time.perf_counter() - started
+    started = time.perf_counter()
+    SyncedIndex(store, IndexSettings()).save(force=True)  # the FAISS snapshot ingest leaves behind
+    snapshot = time.perf_counter() - started
+    store.close()
+    return {"write_s": round(written, 1), "apply_s": round(applied, 1), "snapshot_s": round(snapshot, 1)}
+
+
+def _cli(index: Path, *args: str) -> tuple[float, str]:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "indexer", *args, "--index", str(index)], capture_output=True,
+                          text=True, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"faceindex {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
+    return seconds, proc.stdout
+
+
+def _median(values: list[float], scale: float = 1.0) -> float:
+    return round(statistics.median(values) * scale, 3)
+
+
+def _p95(values: list[float], scale: float = 1.0) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * scale, 3)
+
+
+def _edits(rows: list[dict], faces: dict[int, list[int]]) -> list[tuple[str, str, dict, list[str]]]:
+    """(kind, API path, JSON body, CLI args) for each edit measured: persons from the middle of the list."""
+    middle = rows[len(rows) // 2:]
+    out = []
+    for n in range(4):  # the CLI edits the first group, the server the three others
+        a, b = middle[3 * n], middle[3 * n + 1]
+        fa = faces[a["id"]]
+        out += [("name", f"/api/people/{a['id']}/name", {"name": f"Bench {n}"}, ["people", "name", str(a["id"]),
+                                                                                f"Bench {n}"]),
+                ("move", f"/api/people/{b['id']}/move", {"faces": fa[:1]}, ["people", "move", str(fa[0]), "--to",
+                                                                             str(b["id"])]),
+                ("remove", f"/api/people/{a['id']}/remove", {"faces": fa[1:2]},
+                 ["people", "remove", str(a["id"]), str(fa[1])]),
+                ("ignore", "/api/faces/ignore", {"faces": fa[-1:], "ignored": True},
+                 ["people", "ignore", str(fa[-1])])]
+    return out
+
+
+def measure(index: Path, repeats: int = 3) -> dict:
+    from benchmarks.bench_serve import PHOTO, p50_ms, start_server
+
+    status = [_cli(index, "status", "--json")[0] for _ in range(repeats)]
+    listed = [_cli(index, "people", "list", "--limit", "120", "--json") for _ in range(repeats)]
+    rows = json.loads(listed[-1][1])
+    rows = [r for r in rows if r["size"] >= 3]
+    largest, second = rows[0]["id"], rows[1]["id"]
+    shown = [_cli(index, "people", "show", str(largest), "--limit", "96", "--json")[0] for _ in range(repeats)]
+    faces = {r["id"]: [f["face_id"] for f in json.loads(_cli(index, "people", "show", str(r["id"]), "--json")[1])[
+        "faces"]] for r in rows[len(rows) // 2:]}
+    edits = _edits(rows, faces)
+    cli_edits = [_cli(index, *args)[0] for _, _, _, args in edits[:4]]
+    edits = edits[4:]
+    cli_edits.append(_cli(index, "people", "undo")[0])
+    cli_merge = _cli(index, "people", "merge", str(largest), str(second))[0]
+    cli_edits.append(_cli(index, "people", "undo")[0])
+    result = {"status_s": _median(status), "people_list_cli_s": _median([s for s, _ in listed]),
+              "person_show_cli_s": _median(shown), "edit_cli_p50_s": _median(cli_edits),
+              "edit_cli_p95_s": _p95(cli_edits), "merge_largest_cli_s": round(cli_merge, 3),
+              "largest_persons": [rows[0]["size"], rows[1]["size"]]}
+    result.update(_server(index, edits, largest, second, repeats, PHOTO, p50_ms, start_server))
+    return result
+
+
+def _server(index: Path, edits, largest: int, second: int, repeats: int, photo: Path, p50_ms, start_server) -> dict:
+    import httpx
+
+    proc, base = start_server(index)
+    try:
+        with httpx.Client(base_url=base, timeout=600) as client:
+            files = {"image": ("photo.jpg", photo.read_bytes(), "image/jpeg")}
+            client.post("/api/search", files=files).raise_for_status()  # waits for the models loaded at start
+            people_ms, _ = p50_ms(client, 10 * repeats, "GET", "/people")
+            person_ms, _ = p50_ms(client, 10 * repeats, "GET", f"/people/{largest}")
+            times = []
+            for _, path, body, _ in edits:
+                started = time.perf_counter()
+                client.post(path, json=body).raise_for_status()
+                times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            client.post(f"/api/people/{largest}/merge", json={"other": second}).raise_for_status()
+            merge_s = time.perf_counter() - started
+            client.post("/api/undo").raise_for_status()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    return {"people_page_ms": people_ms, "person_page_ms": person_ms, "edit_p50_ms": _median(times, 1000),
+            "edit_p95_ms": _p95(times, 1000), "merge_largest_ms": round(merge_s * 1000, 1), "edits": len(times)}
