@@ -18,8 +18,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from indexer.config import Settings
 from indexer.library import FaceIndex
 from indexer.persons.word import FaceWord, load_word
@@ -133,15 +131,10 @@ def check(index: Path, folder: Path, truth: dict[str, Truth], names: dict[int, s
 
 def check_person_tables(index: Path) -> None:
     """The person tables (store/persons.py) say what a scan of every face says: members, sizes, sums."""
+    from tests.test_person_tables import tables_match_a_scan
+
     store = FaceStore(index, readonly=True)
     try:
-        with store.read() as txn:
-            kept = {r.person: r for r in store.person_rows(txn)}
-            members = {p: {f for f, _ in store.member_similarities(p, txn)} for p in kept}
-            rows, scanned, _ = store._scanned(txn)  # one pass over every face record
+        tables_match_a_scan(store)
     finally:
         store.close()
-    assert kept.keys() == rows.keys(), f"persons in the tables but not in the faces: {kept.keys() ^ rows.keys()}"
-    for person, row in rows.items():
-        assert kept[person].n == row.n and members[person] == {f for p, f in scanned if p == person}, person
-        assert np.allclose(kept[person].sum, row.sum, atol=1e-6), f"person {person}: its vector sum drifted"
