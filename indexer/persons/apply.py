@@ -134,8 +134,9 @@ def rederive_local(store: FaceStore, txn, settings: ClusterSettings, faces: Iter
     word = lazy_word(store, txn)
     _adopt_old_names(store, txn, word)
     records = region(store, txn, faces, persons)
-    with_vectors = [(f, v) for f in records.values() if (v := store.get_vector(f.face_id, txn)) is not None]
-    _unplace_damaged(store, txn, [f for f in records.values() if store.get_vector(f.face_id, txn) is None])
+    read = [(f, store.get_vector(f.face_id, txn)) for f in records.values()]
+    _unplace_damaged(store, txn, [f for f, v in read if v is None])
+    with_vectors = [(f, v) for f, v in read if v is not None]
     if not with_vectors:
         touched(store, txn)
         return 0
