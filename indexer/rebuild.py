@@ -37,7 +37,7 @@ from indexer.pipeline.faces import FaceStage, StageTimer
 from indexer.pipeline.read import ReadAhead, Reader
 from indexer.pipeline.records import REUSABLE, FaceItem, ReadItem, Verdict, record_for
 from indexer.store.lmdb_store import FaceStore
-from indexer.store.records import NewFace, u64, unpack
+from indexer.store.records import NewFace
 
 log = logging.getLogger("faceindex.rebuild")
 MATCH_IOU = 0.5   # same face: the new box overlaps the stored one at least this much (intersection over union)
@@ -164,16 +164,14 @@ class Rebuild:
     def _drop(self, txn, path: str, face_ids: list[int]) -> None:
         """Count faces that leave, and list those the user had said something about (their word stays stored)."""
         self.summary.faces_dropped += len(face_ids)
-        if not self.store.has_table("word"):
-            return
         for face_id in face_ids:
-            raw = txn.get(u64(face_id), db=self.store.db["word"])
-            if raw is not None:
-                self.summary.unmatched_word.append({"face_id": face_id, "path": path, "word": unpack(raw)})
+            said = self.store.face_word(txn, face_id)
+            if said is not None:
+                self.summary.unmatched_word.append({"face_id": face_id, "path": path, "word": said})
 
     def _finish(self, txn, target: str) -> None:
         self.store.put_meta(txn, "model", target)
-        txn.delete(fp.REBUILD_KEY.encode(), db=self.store.db["meta"])
+        self.store.delete_meta(txn, fp.REBUILD_KEY)
 
 
 def finish(store: FaceStore, settings: Settings, summary: RebuildSummary) -> RebuildSummary:

@@ -191,3 +191,33 @@ def test_no_function_over_60_lines():
     over = [f"{relative(path)}:{name}: {n}" for path in package_modules().values()
             for name, n in functions(ast.parse(path.read_text(), str(path))) if n > MAX_FUNCTION_LINES]
     assert not over, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(over)
+
+
+# ------------------------------------------------------------------------------------- the store owns its tables
+RAW_TXN_CALLS = {"get", "put", "delete", "cursor", "drop", "stat", "replace", "pop"}
+
+
+def raw_store_access(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """(line, what) for each place that reaches into LMDB itself: ``<x>.db``/``<x>.env``, or a call of
+    ``txn.get/put/delete/cursor/...`` (a transaction is only handed to the store's own methods)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ("db", "env"):
+            yield node.lineno, f".{node.attr}"
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and isinstance(node.func.value, ast.Name) and node.func.value.id in ("txn", "t")
+              and node.func.attr in RAW_TXN_CALLS):
+            yield node.lineno, f"{node.func.value.id}.{node.func.attr}()"
+
+
+def test_raw_store_access_finder_finds_tables_env_and_transaction_calls():
+    src = ("a = store.db['word']\nb = self.store.env.info()\nc = txn.cursor(db=x)\nd = t.get(k)\n"
+           "e = store.get_meta('x', txn=txn)\nf = words.get(1)\n")
+    assert [what for _, what in sorted(raw_store_access(ast.parse(src)))] == [".db", ".env", "txn.cursor()", "t.get()"]
+
+
+def test_no_module_outside_store_touches_lmdb_tables():
+    store_package = PACKAGE / "store"
+    found = [f"{relative(path)}:{line}: {what}" for path in package_modules().values()
+             if store_package not in path.parents
+             for line, what in raw_store_access(ast.parse(path.read_text(), str(path)))]
+    assert not found, "only indexer/store/ reads or writes store.db (use the store's methods):\n" + "\n".join(found)

@@ -21,7 +21,7 @@ from indexer.persons.state import Clustering, load_clustering, save_clustering, 
 from indexer.persons.word import Word, lazy_word, load_word
 from indexer.store.lmdb_store import FaceStore
 from indexer.store.persons import placed
-from indexer.store.records import FaceRecord, from_u64, pack, u64, unpack
+from indexer.store.records import FaceRecord, pack, u64
 
 REGION_ROUNDS = 3  # closure rounds of ``region``: faces -> their persons and clusters -> those persons' faces
 
@@ -39,11 +39,10 @@ def _adopt_old_names(store: FaceStore, txn, word: Word) -> None:
     user's word, so that from then on names live in one place."""
     if store.get_meta("names_adopted", False, txn):
         return
-    for key, raw in txn.cursor(db=store.db["clusters"]):
-        pid, name = from_u64(key), unpack(raw).get("name", "")
-        if name and pid not in word.names:
+    for pid, name in list(store.legacy_cluster_names(txn)):
+        if pid not in word.names:
             word.names[pid] = name
-            txn.put(u64(pid), pack(name), db=store.db["names"])
+            store.put_word_key(txn, "names", u64(pid), pack(name))
     store.put_meta(txn, "names_adopted", True)
 
 

@@ -18,7 +18,6 @@ from indexer.config import ClusterSettings
 from indexer.embedding import stack_vectors
 from indexer.errors import ClusteringError
 from indexer.store.lmdb_store import FaceStore
-from indexer.store.records import from_u64, unpack
 
 NO_CLUSTERS = "no clusters yet; run `faceindex cluster` first"
 
@@ -47,16 +46,12 @@ def person_names(store: FaceStore, txn) -> dict[int, str]:
     names on its clusters; they count until its first edit or recluster adopts them (persons/apply.py)."""
     names: dict[int, str] = {}
     if not store.get_meta("names_adopted", False, txn):
-        for key, raw in txn.cursor(db=store.db["clusters"]):
-            if unpack(raw).get("name"):
-                names[from_u64(key)] = unpack(raw)["name"]
-    if store.has_table("names"):
-        for key, raw in txn.cursor(db=store.db["names"]):
-            name = unpack(raw)
-            if name:
-                names[from_u64(key)] = name
-            else:
-                names.pop(from_u64(key), None)
+        names.update(store.legacy_cluster_names(txn))
+    for pid, name in store.name_rows(txn):
+        if name:
+            names[pid] = name
+        else:
+            names.pop(pid, None)
     return names
 
 
@@ -98,8 +93,8 @@ def save_clustering(store: FaceStore, txn, clustering: Clustering) -> None:
     """Record a recluster's method, parameters, scores and id mapping inside the caller's transaction (the persons
     themselves are the person tables, kept by every face write). Clusters of an index from before the person
     tables are dropped once their names were adopted."""
-    if store.get_meta("names_adopted", False, txn) and txn.stat(store.db["clusters"])["entries"]:
-        txn.drop(store.db["clusters"], delete=False)
+    if store.get_meta("names_adopted", False, txn):
+        store.drop_legacy_clusters(txn)
     touched(store, txn)
     store.put_meta(txn, "clustering", {
         "method": clustering.method, "params": clustering.params, "metrics": clustering.metrics,

@@ -1,6 +1,6 @@
 """The user's word about persons, kept apart from the derived clustering: what every recluster obeys.
 
-Tables (see indexer/store/lmdb_store.py): ``word`` maps a face id to what the user said of that face (tied to a
+Tables (kept by indexer/store/word.py): ``word`` maps a face id to what the user said of that face (tied to a
 person, confirmed, never these persons, ignored); ``names`` maps a person id to the name the user gave it (an empty
 name is a removed one); ``history`` lists the edits in order, each with the previous values of every key it wrote,
 so ``undo`` restores the word exactly. Only an edit writes these tables, one transaction per edit.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from indexer.store.lmdb_store import FaceStore
-from indexer.store.records import from_u64, pack, u64, unpack
+from indexer.store.records import from_u64, pack, u64
 
 
 @dataclass(frozen=True)
@@ -59,32 +59,27 @@ class Word:
 def load_word(store: FaceStore, txn) -> Word:
     """The whole word (a full recluster obeys all of it)."""
     word = Word(names=_names(store, txn))
-    if store.has_table("word"):
-        for key, raw in txn.cursor(db=store.db["word"]):
-            word.faces[from_u64(key)] = FaceWord.from_dict(unpack(raw))
+    for face_id, said in store.face_words(txn):
+        word.faces[face_id] = FaceWord.from_dict(said)
     return word
 
 
 def lazy_word(store: FaceStore, txn) -> Word:
     """The names, and the word on each face read when first asked for (an edit reads only the faces it touches)."""
     def read(face_id: int) -> FaceWord:
-        raw = txn.get(u64(face_id), db=store.db["word"]) if store.has_table("word") else None
-        return FaceWord() if raw is None else FaceWord.from_dict(unpack(raw))
+        said = store.face_word(txn, face_id)
+        return FaceWord() if said is None else FaceWord.from_dict(said)
 
     return Word(names=_names(store, txn), read=read)
 
 
 def faces_kept_out_of(store: FaceStore, txn, person: int) -> list[int]:
     """Faces the user said are not ``person`` (one pass over the word, not over the faces)."""
-    if not store.has_table("word"):
-        return []
-    return [from_u64(key) for key, raw in txn.cursor(db=store.db["word"]) if person in unpack(raw).get("not", ())]
+    return [face_id for face_id, said in store.face_words(txn) if person in said.get("not", ())]
 
 
 def _names(store: FaceStore, txn) -> dict[int, str]:
-    if not store.has_table("names"):
-        return {}
-    return {from_u64(key): unpack(raw) for key, raw in txn.cursor(db=store.db["names"])}
+    return dict(store.name_rows(txn))
 
 
 class Edit:
@@ -98,15 +93,10 @@ class Edit:
         self._seen: set[tuple[str, bytes]] = set()
 
     def _write(self, table: str, key: bytes, value: bytes | None) -> None:
-        db = self.store.db[table]
+        old = self.store.put_word_key(self.txn, table, key, value)
         if (table, key) not in self._seen:  # the value before this edit, once per key
             self._seen.add((table, key))
-            old = self.txn.get(key, db=db)
-            self.undo.append((table, key, None if old is None else bytes(old)))
-        if value is None:
-            self.txn.delete(key, db=db)
-        else:
-            self.txn.put(key, value, db=db)
+            self.undo.append((table, key, old))
 
     def set_face(self, face_id: int, face: FaceWord) -> None:
         self._write("word", u64(face_id), None if face.is_empty() else pack(face.to_dict()))
@@ -131,7 +121,7 @@ class Edit:
         self.store.put_meta(self.txn, "edit_seq", seq)
         entry = {"seq": seq, "time": time.time(), "op": self.op, "args": self.args, "overrode": self.overrode,
                  "undo": [[t, k, v] for t, k, v in self.undo]}
-        self.txn.put(u64(seq), pack(entry), db=self.store.db["history"])
+        self.store.append_history(self.txn, entry)
         return public_entry(entry)
 
 
@@ -148,21 +138,12 @@ def public_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def history(store: FaceStore, txn) -> list[dict[str, Any]]:
-    if not store.has_table("history"):
-        return []
-    return [public_entry(unpack(raw)) for _, raw in txn.cursor(db=store.db["history"])]
+    return [public_entry(entry) for entry in store.history_entries(txn)]
 
 
 def pop_last_edit(store: FaceStore, txn) -> dict[str, Any] | None:
     """Restore every key the last edit wrote to its previous value and drop the edit from the history."""
-    cursor = txn.cursor(db=store.db["history"])
-    if not cursor.last():
+    entry = store.pop_history(txn)
+    if entry is None:
         return None
-    entry = unpack(cursor.value())
-    for table, key, old in reversed(entry["undo"]):
-        if old is None:
-            txn.delete(key, db=store.db[table])
-        else:
-            txn.put(key, old, db=store.db[table])
-    cursor.delete()
     return {**public_entry(entry), "touched": touched_by(entry["undo"])}

@@ -112,16 +112,7 @@ class ShardMerger:
         if shards.shard_files(folder):
             return  # stopped before all were merged: the next run resumes them
         shards.remove_run(folder)
-        prefix = SHARD_KEY.format(run=folder.name, name="").encode()
-        self.store.transact(_forget_shards, self.store, prefix)
-
-
-def _forget_shards(txn, store, prefix: bytes) -> None:
-    cursor = txn.cursor(db=store.db["meta"])
-    if cursor.set_range(prefix):
-        while cursor.key().startswith(prefix):
-            if not cursor.delete():
-                break
+        self.store.transact(self.store.delete_meta_prefix, SHARD_KEY.format(run=folder.name, name=""))
 
 
 def _reclassified(store, txn, fi: FaceItem) -> FaceItem:

@@ -31,6 +31,7 @@ from indexer.store.integrity import decode_face, vector_ok
 from indexer.store.mapguard import MapGuard, storage_error
 from indexer.store.persons import BUILT_KEY, PERSON_TABLES, PersonTable, placed
 from indexer.store.records import FaceRecord, NewFace, from_u64, pack, u64, unpack
+from indexer.store.word import WordTable
 
 # 2: the user's word about persons (tables word, names, history) and each face's suggested person. A version 1
 # index is read as it is and upgraded by the first writer (the new tables start empty).
@@ -53,7 +54,7 @@ def store_exists(index_dir: str | Path) -> bool:
     return (Path(index_dir) / STORE_DIR / "data.mdb").is_file()
 
 
-class FaceStore(FileTable, PersonTable):
+class FaceStore(FileTable, PersonTable, WordTable):
     """LMDB environment of one index. ``readonly`` opens for queries from other processes."""
 
     def __init__(self, index_dir: str | Path, readonly: bool = False) -> None:
@@ -172,6 +173,18 @@ class FaceStore(FileTable, PersonTable):
 
     def put_meta(self, txn: lmdb.Transaction, key: str, value: Any) -> None:
         txn.put(key.encode(), pack(value), db=self.db["meta"])
+
+    def delete_meta(self, txn: lmdb.Transaction, key: str) -> None:
+        txn.delete(key.encode(), db=self.db["meta"])
+
+    def delete_meta_prefix(self, txn: lmdb.Transaction, prefix: str) -> None:
+        """Delete every meta key that starts with ``prefix``."""
+        raw = prefix.encode()
+        cursor = txn.cursor(db=self.db["meta"])
+        if cursor.set_range(raw):
+            while cursor.key().startswith(raw):
+                if not cursor.delete():
+                    break
 
     def check_model(self, fingerprint: str, txn: lmdb.Transaction) -> None:
         """Record the model (weights and preprocessing: indexer/fingerprint.py) on first use; refuse vectors made
