@@ -10,6 +10,7 @@ the other:
   largest persons and its undo);
 - the real server (``faceindex serve``, models loaded first): the People page, the largest person's page, and the
   same edits through the JSON API (``edit_p50_ms`` / ``edit_p95_ms`` over all of them, the merge apart).
+``assign_new`` then times the live assignment of 1% of the faces arriving again as new photos.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 BATCH = 5_000
+ASSIGN_BATCH = 32   # images per batch while streaming (WatchSettings.batch_size)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -93,6 +95,57 @@ def _edits(rows: list[dict], faces: dict[int, list[int]]) -> list[tuple[str, str
                 ("ignore", "/api/faces/ignore", {"faces": fa[-1:], "ignored": True},
                  ["people", "ignore", str(fa[-1])])]
     return out
+
+
+def assign_new(index: Path, x: np.ndarray, share: float = 0.01, seed: int = 0) -> dict:
+    """The live assignment at this size: ``share`` of the faces leave the index (one transaction), then come back
+    as new photos in batches of ``ASSIGN_BATCH`` through the real assigner (plan before, settle inside each
+    batch's transaction, the real FAISS index caught up after each) as ingest runs it. ``assign_ms_per_face``:
+    plan + settle per face; ``assign_same_person``: share of them placed where the recluster had them."""
+    from indexer.config import ClusterSettings, IndexSettings
+    from indexer.persons.assign import knn_assigner
+    from indexer.store.lmdb_store import FaceStore
+    from indexer.store.records import FileRecord, NewFace
+    from indexer.store.sync import SyncedIndex
+
+    store = FaceStore(index)
+    synced = SyncedIndex(store, IndexSettings())
+    rows = np.random.default_rng(seed).choice(len(x), max(ASSIGN_BATCH, int(len(x) * share)), replace=False)
+    before: dict[int, int] = {}
+
+    def drop(txn) -> None:
+        for i in rows.tolist():
+            record = store.get_file(f"/bench/{i:07d}.jpg", txn)
+            before[i] = store.get_face(record.face_ids[0], txn).cluster
+            store.remove_file(txn, record.path)
+
+    store.transact(drop)
+    synced.catch_up()
+    assigner = knn_assigner(store, ClusterSettings(), lambda: synced.index.search)
+    settle_s, thumb = 0.0, b"\xff\xd8\xff\xd9"
+    for start in range(0, len(rows), ASSIGN_BATCH):
+        batch = rows[start:start + ASSIGN_BATCH].tolist()
+        faces = [NewFace([0, 0, 96, 96], 1.0, [[0, 0]] * 5, x[i], thumb) for i in batch]
+        plan = assigner.plan(faces, [f"/bench/new/{i:07d}.jpg" for i in batch])
+
+        def commit(txn, faces=faces, batch=batch, plan=plan) -> float:
+            started = time.perf_counter()
+            if plan is not None:
+                plan.settle(store, txn)
+            seconds = time.perf_counter() - started
+            for face, i in zip(faces, batch, strict=True):
+                store.put_file(txn, FileRecord(f"/bench/new/{i:07d}.jpg", 1, 1, f"n{i:063x}", "indexed"), [face])
+            return seconds
+
+        settle_s += store.transact(commit)
+        synced.catch_up()
+    with store.read() as txn:
+        after = {i: store.get_face(store.get_file(f"/bench/new/{i:07d}.jpg", txn).face_ids[0], txn).cluster
+                 for i in rows.tolist()}
+    store.close()
+    return {"assign_ms_per_face": round(1000 * (assigner.seconds + settle_s) / len(rows), 3),
+            "assign_faces": int(len(rows)), "assign_index": synced.index.choice.key,
+            "assign_same_person": round(sum(after[i] == before[i] for i in after) / len(after), 4)}
 
 
 def measure(index: Path, repeats: int = 3) -> dict:

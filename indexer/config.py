@@ -71,7 +71,10 @@ class ClusterSettings:
     center_lead: float = 0.15        # ...when it leads the nearest rival person's by this (and for attach_similarity)
     attach_similarity: float = 0.50  # adaptive: last, an unassigned face joins its nearest center likewise (0 = off)
     min_cluster_size: int = 2        # hdbscan
-    assign_min_similarity: float = 0.45  # live assignment: below this a face stays unassigned (-1)
+    assign_min_similarity: float = 0.45  # live assignment: a face joins a person only this close to its center
+    assign_neighbours: int = 10      # live assignment: indexed faces searched per new face (persons/assign.py)
+    assign_link: float = 0.65        # live assignment: a neighbour counts at this cosine (bench_assign's sweep)
+    assign_min_faces: int = 2        # live assignment: faces (the new one + free neighbours) to start a new person
     recluster_growth: float = 0.25   # daemon reclusters when the index grew by this fraction...
     recluster_interval_s: float = 3600.0  # ...or this much time passed with new faces
     seed: int = 1234
@@ -140,6 +143,9 @@ def validate(s: Settings) -> Settings:
         (s.cluster.method in CLUSTER_METHODS, f"cluster.method must be one of {', '.join(CLUSTER_METHODS)}"),
         (-1.0 <= s.cluster.threshold <= 1.0, "cluster.threshold must be a cosine in [-1, 1]"),
         (s.cluster.k >= 0, "cluster.k must be >= 0 (0 = auto)"),
+        (s.cluster.assign_neighbours >= 1 and s.cluster.assign_min_faces >= 2,
+         "cluster.assign_neighbours must be >= 1 and cluster.assign_min_faces >= 2"),
+        (-1.0 <= s.cluster.assign_link <= 1.0, "cluster.assign_link must be a cosine in [-1, 1]"),
         (s.cluster.pair_margin >= 0, "cluster.pair_margin must be >= 0"),
         (0 <= s.cluster.center_merge <= 1, "cluster.center_merge must be a cosine in [0, 1] (0 = off)"),
         (s.cluster.center_lead >= 0, "cluster.center_lead must be >= 0"),

@@ -142,15 +142,15 @@ class FaceIndex:
         return self.detector, self.embedder
 
     def pipeline(self) -> Pipeline:
-        """The ingest pipeline over this index (its stop event is set by SIGINT/SIGTERM during ingest/watch). The
-        models load when the first file needs them: an unchanged folder is answered without torch."""
-        from indexer.persons.state import live_assigner
+        """The ingest pipeline (SIGINT/SIGTERM set its stop event); the models load when a file first needs them."""
+        from indexer.persons.assign import knn_assigner
         from indexer.pipeline.faces import FaceStage
         from indexer.pipeline.runner import Pipeline
 
         self._check_configuration()
+        assigner = knn_assigner(self.store, self.settings.cluster, lambda: self.vectors.index.search)
         return Pipeline(self.settings, self.store, self.vectors, FaceStage(self.settings, self.models),
-                        self._fingerprint, assigner=live_assigner(self.store, self.settings.cluster))
+                        self._fingerprint, assigner=assigner)
 
     # ------------------------------------------------------------------ indexing
     def ingest(self, paths: list[str | Path], progress: bool = True) -> IngestSummary:

@@ -37,10 +37,11 @@ KEYS: dict[str, set[str]] = {
     "bench_soak": {"events", "faces", "failures", "rss_start_mb", "rss_end_mb", "oracle_ok"},
     "bench_scale": {"ray_vs_single_ratio", "indexes", "memory_budget_mb", "targets_met"},
     "bench_persons_scale": {"sizes", "targets_met_1m"},
+    "bench_assign": {"batch", "centers", "knn", "sweep"},
 }
 # The scripts that read LFW (all but bench_serve, whose index is synthetic and whose search photo is a sample).
 NEEDS_LFW = {"bench_models", "bench_ingest", "bench_query", "bench_cluster", "bench_watch", "bench_cli", "bench_soak",
-             "bench_scale", "bench_persons_scale"}
+             "bench_scale", "bench_persons_scale", "bench_assign"}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:
@@ -139,10 +140,11 @@ def test_smoke_bench_persons_scale(shared_data: Path) -> None:
         assert row["recluster_s"] > 0 and row["recluster_rss_mb"] > 0 and 0 < row["graph_recall"] <= 1
         assert row["largest_person"] >= 1 and 0 <= row["pairwise_f1"] <= 1
         # not built yet: null, never a made-up figure
-        assert row["local_recluster_s"] is None and row["assign_ms_per_face"] is None
-        ops = ("edit_p50_ms", "edit_p95_ms", "people_page_ms", "person_page_ms", "status_s")
+        assert row["local_recluster_s"] is None
+        ops = ("edit_p50_ms", "edit_p95_ms", "people_page_ms", "person_page_ms", "status_s", "assign_ms_per_face")
         if row["spread"] == "geometric":  # the smoke run times the real CLI and server on one spread
             assert all(row[key] > 0 for key in ops) and row["edit_p50_ms"] <= row["edit_p95_ms"]
+            assert row["assign_faces"] >= 32 and 0 <= row["assign_same_person"] <= 1
         else:
             assert all(row[key] is None for key in ops)
     assert result["targets_met_1m"] is None   # no 1M row in a smoke run

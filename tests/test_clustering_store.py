@@ -235,3 +235,30 @@ def test_eval_scores_a_folder_per_person_tree(lfw_index):
     assert result["n_people"] == 8 and result["n_faces"] == 32 and result["files_without_face"] == 0
     assert result["pairwise_f1"] >= 0.9 and result["bcubed_f1"] >= 0.9
     assert set(result) >= {"pairwise_precision", "pairwise_recall", "nmi", "ari", "n_clusters"}
+
+
+@pytest.mark.lfw
+def test_photos_of_a_new_person_start_a_person_as_they_arrive(lfw_index, shared_data, tmp_path):
+    """The real pipeline (MTCNN, the embedder, FAISS, LMDB) and the live rule: a person the index has never seen
+    gets a person of their own from their second photo on, with no recluster, and no known person takes them."""
+    index, _, _ = lfw_index
+    work = tmp_path / "ix"
+    shutil.copytree(index, work)
+    cli("cluster", "--index", str(work))
+    known = {p["id"] for p in cli_json("people", "list", "--index", str(work))}
+    root = shared_data / "lfw-devtrain"
+    newcomer = [p for p in sorted(root.iterdir()) if len(list(p.iterdir())) >= 5][8]  # lfw_index took the first 8
+    photos = sorted(newcomer.iterdir())[:4]
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    first.mkdir()
+    rest.mkdir()
+    shutil.copy(photos[0], first)
+    for p in photos[1:]:
+        shutil.copy(p, rest)
+    cli("ingest", "--index", str(work), str(first))   # alone: nobody like it yet, it waits unassigned
+    cli("ingest", "--index", str(work), str(rest))    # three more: with the first, a new person
+    cli("export", "--index", str(work), "--out", str(tmp_path / "out"))
+    doc = json.loads((tmp_path / "out" / "train_assignments.json").read_text())["faces"]
+    ids = Counter(f["cluster_id"] for f in doc if newcomer.name in f["path"])
+    person, count = ids.most_common(1)[0]
+    assert person >= 0 and person not in known and count >= 3, ids

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from indexer.config import ClusterSettings
 from indexer.embedding import stack_vectors
 from indexer.errors import ClusteringError
 from indexer.store.lmdb_store import FaceStore
@@ -109,29 +108,6 @@ def touched(store: FaceStore, txn) -> None:
 
 def has_clustering(store: FaceStore, txn) -> bool:
     return store.get_meta("clustering", None, txn) is not None and store.person_count(txn) > 0
-
-
-def live_assigner(store: FaceStore, settings: ClusterSettings):
-    """A function assigning new vectors to the stored centers (all -1 while no clustering exists).
-
-    It rereads the centers whenever the stored clustering changed (a recluster or a merge, maybe by another
-    process), checked by a version number: one small read per batch.
-    """
-    from indexer.cluster import assign_to_centers  # here, not at the top: `status` should not load FAISS
-
-    cache: dict[str, Any] = {"version": None, "ids": np.zeros(0, np.int64), "centers": stack_vectors([])}
-
-    def assign(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with store.read() as txn:
-            version = store.get_meta("clustering_version", 0, txn)
-            if version != cache["version"]:
-                clustering = load_clustering(store, txn)
-                cache["version"] = version
-                if clustering is not None:
-                    cache["ids"], cache["centers"] = clustering.ids, clustering.centers
-        return assign_to_centers(vectors, cache["centers"], settings.assign_min_similarity, ids=cache["ids"])
-
-    return assign
 
 
 def require_clustering(store: FaceStore, txn=None) -> Clustering:

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from indexer.persons.assign import Plan
 from indexer.pipeline import shards
 from indexer.pipeline.commit import Committer
 from indexer.pipeline.records import FaceItem, classify_stored
-from indexer.pipeline.runner import IngestSummary, Pipeline, assign_faces
+from indexer.pipeline.runner import IngestSummary, Pipeline, plan_faces
 
 log = logging.getLogger("faceindex.ray")
 
@@ -59,9 +60,8 @@ class ShardMerger:
         dropped = len(shard.items) - len(items)
         if dropped:
             log.info("%s: %d files changed since they were read; left for the scan", shard.name, dropped)
-        if self.pipeline.assigner is not None:
-            assign_faces(self.pipeline.assigner, [fi for fi in items if fi.read.verdict.needs_faces])
-        counts, failures = self.store.transact(self._merge, key, items, self.fingerprint(shard.model))
+        plan = plan_faces(self.pipeline.assigner, items)
+        counts, failures = self.store.transact(self._merge, key, items, self.fingerprint(shard.model), plan)
         if counts is None:
             self.skipped += 1
         else:
@@ -76,10 +76,13 @@ class ShardMerger:
         if on_files is not None:
             on_files(len(shard.items))
 
-    def _merge(self, txn, key: str, items: list[FaceItem], model: str) -> tuple[Counter | None, list]:
+    def _merge(self, txn, key: str, items: list[FaceItem], model: str, plan: Plan | None = None
+               ) -> tuple[Counter | None, list]:
         """In the shard's one transaction: its files, their faces and its id, or nothing if already merged."""
         if self.store.get_meta(key, txn=txn) is not None:
             return None, []
+        if plan is not None:
+            plan.settle(self.store, txn)
         committer = Committer(self.store, lambda: model)
         counts: Counter = Counter()
         failures: list[dict[str, str]] = []

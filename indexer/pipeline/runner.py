@@ -20,12 +20,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import psutil
 from tqdm import tqdm
 
 from indexer.config import Settings
-from indexer.embedding import stack_vectors
+from indexer.persons.assign import KnnAssigner, Plan
 from indexer.pipeline.commit import Committer
 from indexer.pipeline.faces import FaceStage, StageTimer
 from indexer.pipeline.read import ReadAhead, Reader
@@ -36,7 +35,6 @@ from indexer.store.sync import SyncedIndex
 log = logging.getLogger("faceindex.ingest")
 
 # Assigns new faces to person centers: vectors [n, 512] -> (cluster ids [n], similarities [n]).
-Assigner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def _load_malloc_trim() -> Callable[[], None]:
@@ -205,7 +203,7 @@ class Pipeline:
     """The stages for one index, run one batch at a time; ``close`` (or ``with``) saves the index."""
 
     def __init__(self, settings: Settings, store: FaceStore, index: SyncedIndex, faces: FaceStage,
-                 fingerprint: Callable[[], str], assigner: Assigner | None = None,
+                 fingerprint: Callable[[], str], assigner: KnnAssigner | None = None,
                  stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -282,10 +280,9 @@ class Pipeline:
             return summary
         self.read_ahead.ahead([] if self.stop.is_set() else (ahead or []))
         face_items = self._faces(dedupe_batch(items))
-        if self.assigner is not None:
-            self._assign(face_items)
+        plan = plan_faces(self.assigner, face_items)
         started = time.perf_counter()
-        counts, failures, reread = self.store.transact(self.commit, face_items)
+        counts, failures, reread = self.store.transact(self._commit, plan, face_items)
         # Counted once the transaction committed: a retry after MapFullError must not count twice.
         summary.files += len(items) - len(reread)
         for key, value in counts.items():
@@ -303,11 +300,14 @@ class Pipeline:
             self.process(reread, summary, ahead=ahead, again=False)
         return summary
 
+    def _commit(self, txn, plan: Plan | None, face_items: list[FaceItem]) -> tuple:
+        """The batch's transaction: the plan's persons settled first (new ids, neighbours adopted), then the files."""
+        if plan is not None:
+            plan.settle(self.store, txn)
+        return self.commit(txn, face_items)
+
     def _faces(self, items: list[ReadItem]) -> list[FaceItem]:
         return faces_or_failures(self.faces, items, self.timer)
-
-    def _assign(self, face_items: list[FaceItem]) -> None:
-        assign_faces(self.assigner, face_items)
 
 
 def faces_or_failures(stage: FaceStage, items: list[ReadItem], timer: StageTimer) -> list[FaceItem]:
@@ -328,10 +328,11 @@ def faces_or_failures(stage: FaceStage, items: list[ReadItem], timer: StageTimer
     return out
 
 
-def assign_faces(assigner: Assigner, face_items: list[FaceItem]) -> None:
-    """Each new face's nearest person (``face.cluster``, ``face.similarity``), before it is committed."""
-    faces = [f for fi in face_items for f in fi.faces]
-    if faces:
-        clusters, sims = assigner(stack_vectors([f.vector for f in faces]))
-        for face, c, s in zip(faces, clusters, sims, strict=True):
-            face.cluster, face.similarity = int(c), float(s)
+def plan_faces(assigner: KnnAssigner | None, face_items: list[FaceItem]) -> Plan | None:
+    """Each new face's person (persons/assign.py), decided before the batch's write transaction."""
+    if assigner is None:
+        return None
+    new = [(f, fi.read.path) for fi in face_items if fi.read.verdict.needs_faces for f in fi.faces]
+    return assigner.plan([f for f, _ in new], [p for _, p in new])
+
+

@@ -193,6 +193,13 @@ class PersonTable:
         raw = txn.get(u64(person), db=self.db["persons"])
         return None if raw is None else PersonRow.unpack(person, raw)
 
+    def highest_person(self, txn: lmdb.Transaction) -> int:
+        """The highest id of a person with faces (-1: none)."""
+        if not self._tables_ready(txn):
+            return max(self._scanned(txn)[0], default=-1)
+        cursor = txn.cursor(db=self.db["persons"])
+        return from_u64(cursor.key()) if cursor.last() else -1
+
     def person_rows(self, txn: lmdb.Transaction, persons: Iterable[int] | None = None) -> list[PersonRow]:
         """Rows of ``persons`` (those with faces), or of every person, in id order."""
         if not self._tables_ready(txn):

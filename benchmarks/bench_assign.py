@@ -1,0 +1,176 @@
+"""Live assignment by nearest faces (indexer/persons/assign.py) on LFW dev-train: faces arriving batch by batch.
+
+Run from the repository root:  .venv/bin/python -m benchmarks.bench_assign [--json] [--out DIR] [--smoke]
+
+The photos are shuffled; the first ``--base`` share (default half) is clustered at once with the default method,
+as ``faceindex cluster`` would; the rest arrive in batches of 32, as ingest and the daemon commit them, and each
+batch is placed by the live rule: the same ``decide`` the pipeline runs, over an exact FAISS index of every face
+indexed so far, with centers kept as vector sums like the store's person tables. No recluster runs in between.
+
+Printed, side by side on the same data: the pairwise and BCubed F1 of the whole library after the last batch for
+the nearest-faces rule (a sweep of ``k``, ``link`` and ``min_faces``; the defaults marked), for the nearest-center
+rule it replaced (``assign_min_similarity``), and for one batch clustering of everything (a full recluster).
+``--json`` keys: ``batch``, ``centers``, ``knn`` (the defaults' row), ``sweep`` (every row), each row with
+``pairwise_f1``, ``bcubed_f1``, ``unassigned`` (share of faces with no person), ``ms_per_face`` (search and rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if not __package__:  # `python benchmarks/bench_x.py` from any folder: put the repo root first, so `benchmarks` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import faiss
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from benchmarks.lfw_data import SMOKE_NOTE, lfw_embeddings, lfw_sample, require_data, smoke_photos
+from indexer.cluster import assign_to_centers, cluster_identities, external_scores
+from indexer.config import ClusterSettings
+from indexer.persons.assign import AssignRule, Neighbour, decide
+
+SEED = 1234
+BATCH = 32
+# (k, link, min_faces): the link and density sweep at k=10, then k either side of the defaults
+SWEEP = [(10, link, m) for link in (0.55, 0.6, 0.65, 0.7) for m in (2, 3)] + [(5, 0.65, 2), (20, 0.65, 2)]
+SMOKE_PHOTOS = {"people": 15, "per_person": 5, "others": 45}
+
+
+class Library:
+    """What the store and its FAISS index hold, in memory: labels, person sums, an exact index."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, base: int) -> None:
+        self.x, self.labels = x, np.full(len(x), -1, np.int64)
+        self.labels[:base] = labels
+        self.sums = {int(p): x[:base][labels == p].astype(np.float64).sum(0) for p in np.unique(labels) if p >= 0}
+        self.next_id = max(self.sums, default=-1) + 1
+        self.index = faiss.IndexFlatIP(x.shape[1])
+        self.index.add(x[:base])
+
+    def center_sim(self, q: np.ndarray):
+        def sim(i: int, person: int) -> float:
+            s = self.sums[person]
+            return float(q[i] @ (s / np.linalg.norm(s)))
+        return sim
+
+    def join(self, row: int, person: int) -> None:
+        self.labels[row] = person
+        self.sums[person] = self.sums.get(person, 0.0) + self.x[row]
+
+    def knn_batch(self, rule: AssignRule, start: int, stop: int) -> None:
+        q = self.x[start:stop]
+        sims, ids = self.index.search(q, rule.k)
+        photos = [str(r) for r in range(start, stop)]   # LFW: one face per photo
+        mates = q @ q.T
+        neighbours = [[Neighbour(float(s), int(self.labels[f]), str(f), face=int(f))
+                       for s, f in zip(sims[i], ids[i], strict=True) if f >= 0]
+                      + [Neighbour(float(mates[i, j]), -1, photos[j], mate=j) for j in range(len(q)) if j != i]
+                      for i in range(len(q))]
+        decision = decide(rule, photos, neighbours, self.center_sim(q))
+        new = {label: self.next_id + n for n, label in enumerate(decision.new_persons())}
+        self.next_id += len(new)
+        for label, person in new.items():
+            for f in decision.adopted[label]:
+                if self.labels[f] == -1:
+                    self.join(f, person)
+        for i, label in enumerate(decision.labels):
+            if label != -1:
+                self.join(start + i, new.get(label, label))
+        self.index.add(q)
+
+    def centers_batch(self, min_similarity: float, start: int, stop: int) -> None:
+        ids = np.array(sorted(self.sums), np.int64)
+        centers = np.stack([self.sums[p] / np.linalg.norm(self.sums[p]) for p in ids]).astype(np.float32)
+        labels, _ = assign_to_centers(self.x[start:stop], centers, min_similarity, ids=ids)
+        for i, label in enumerate(labels.tolist()):
+            if label != -1:
+                self.join(start + i, label)
+
+
+def row(people: np.ndarray, labels: np.ndarray, seconds: float, n_timed: int, **extra) -> dict:
+    s = external_scores(people, labels, information=False)
+    return {**extra, "pairwise_f1": round(s["pairwise_f1"], 4), "bcubed_f1": round(s["bcubed_f1"], 4),
+            "unassigned": round(float((labels == -1).mean()), 4),
+            "ms_per_face": round(1000 * seconds / max(n_timed, 1), 3)}
+
+
+def stream(x: np.ndarray, base_labels: np.ndarray, base: int, place) -> tuple[np.ndarray, float]:
+    lib = Library(x, base_labels, base)
+    started = time.perf_counter()
+    for start in range(base, len(x), BATCH):
+        place(lib, start, min(start + BATCH, len(x)))
+    return lib.labels, time.perf_counter() - started
+
+
+def run(x: np.ndarray, people: np.ndarray, base_share: float, say) -> dict:
+    settings = ClusterSettings()
+    order = np.random.default_rng(SEED).permutation(len(x))
+    x, people = x[order], people[order]
+    base = int(len(x) * base_share)
+    n_new = len(x) - base
+    started = time.perf_counter()
+    everything = cluster_identities(x, "adaptive", threshold=settings.threshold)
+    result = {"faces": len(x), "base": base, "batch": row(people, everything, time.perf_counter() - started, len(x))}
+    base_labels = cluster_identities(x[:base], "adaptive", threshold=settings.threshold)
+    labels, secs = stream(x, base_labels, base, lambda lib, a, b: lib.centers_batch(settings.assign_min_similarity,
+                                                                                     a, b))
+    result["centers"] = row(people, labels, secs, n_new)
+    result["sweep"] = []
+    for k, link, min_faces in SWEEP:
+        rule = AssignRule(k=k, link=link, min_center=settings.assign_min_similarity, min_faces=min_faces)
+        labels, secs = stream(x, base_labels, base, lambda lib, a, b, rule=rule: lib.knn_batch(rule, a, b))
+        result["sweep"].append(row(people, labels, secs, n_new, k=k, link=link, min_faces=min_faces))
+        if (k, link, min_faces) == (settings.assign_neighbours, settings.assign_link, settings.assign_min_faces):
+            result["knn"] = result["sweep"][-1]
+    say(f"LFW dev-train, {len(x):,} faces shuffled: {base:,} clustered at once, {n_new:,} arriving in batches of "
+        f"{BATCH} with no recluster (seed {SEED})")
+    say(f"{'placement of the new faces':<52}{'pairwise F1':>12}{'BCubed F1':>11}{'unassigned':>12}{'ms/face':>9}")
+    lines = [("one batch clustering of all (reference)", result["batch"]),
+             (f"nearest center >= {settings.assign_min_similarity}", result["centers"])]
+    lines += [(f"nearest faces k={r['k']} link={r['link']} min_faces={r['min_faces']}"
+               + (" (default)" if r is result.get("knn") else ""), r) for r in result["sweep"]]
+    for name, r in lines:
+        say(f"{name:<52}{r['pairwise_f1']:>12.4f}{r['bcubed_f1']:>11.4f}{r['unassigned']:>12.1%}"
+            f"{r['ms_per_face']:>9.3f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table: stderr)")
+    parser.add_argument("--out", type=Path, help="write bench_assign.txt and bench_assign.json into this folder")
+    parser.add_argument("--base", type=float, default=0.5, help="share of the photos clustered at once (0.5)")
+    parser.add_argument("--smoke", action="store_true", help="a few LFW photos (seconds): checks the script runs")
+    args = parser.parse_args(argv)
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    if args.smoke:
+        say(SMOKE_NOTE)
+        root = require_data()
+        data = lfw_sample(root, smoke_photos(root, **SMOKE_PHOTOS))
+    else:
+        data = lfw_embeddings()
+    with threadpool_limits(limits=2):
+        result = run(np.ascontiguousarray(data["vectors"], np.float32), data["people"], args.base, say)
+    result["smoke"] = bool(args.smoke)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_assign.txt").write_text("\n".join(lines) + "\n")
+        (args.out / "bench_assign.json").write_text(text + "\n")
+    if args.json:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
