@@ -10,7 +10,8 @@ the other:
   largest persons and its undo);
 - the real server (``faceindex serve``, models loaded first): the People page, the largest person's page, and the
   same edits through the JSON API (``edit_p50_ms`` / ``edit_p95_ms`` over all of them, the merge apart).
-``assign_new`` then times the live assignment of 1% of the faces arriving again as new photos.
+``assign_new`` then times the live assignment of 1% of the faces arriving again as new photos, and the local
+recluster after them.
 """
 
 from __future__ import annotations
@@ -97,13 +98,16 @@ def _edits(rows: list[dict], faces: dict[int, list[int]]) -> list[tuple[str, str
     return out
 
 
-def assign_new(index: Path, x: np.ndarray, share: float = 0.01, seed: int = 0) -> dict:
-    """The live assignment at this size: ``share`` of the faces leave the index (one transaction), then come back
-    as new photos in batches of ``ASSIGN_BATCH`` through the real assigner (plan before, settle inside each
-    batch's transaction, the real FAISS index caught up after each) as ingest runs it. ``assign_ms_per_face``:
-    plan + settle per face; ``assign_same_person``: share of them placed where the recluster had them."""
+def assign_new(index: Path, x: np.ndarray, truth: np.ndarray, share: float = 0.01, seed: int = 0) -> dict:
+    """The live assignment and the local recluster at this size: ``share`` of the faces leave the index (one
+    transaction), then come back as new photos in batches of ``ASSIGN_BATCH`` through the real assigner (plan
+    before, settle inside each batch's transaction, the real FAISS index caught up after each) as ingest runs it;
+    then one local recluster (persons/local.py) as the daemon runs it. ``assign_ms_per_face``: plan + settle per
+    face; ``assign_same_person``: share of them placed where the recluster had them; ``local_recluster_s``,
+    ``local_scope``; pairwise F1 of the whole index after the arrivals and after the local recluster."""
     from indexer.config import ClusterSettings, IndexSettings
     from indexer.persons.assign import knn_assigner
+    from indexer.persons.local import local_recluster
     from indexer.store.lmdb_store import FaceStore
     from indexer.store.records import FileRecord, NewFace
     from indexer.store.sync import SyncedIndex
@@ -142,10 +146,28 @@ def assign_new(index: Path, x: np.ndarray, share: float = 0.01, seed: int = 0) -
     with store.read() as txn:
         after = {i: store.get_face(store.get_file(f"/bench/new/{i:07d}.jpg", txn).face_ids[0], txn).cluster
                  for i in rows.tolist()}
+    arrived = _pairwise(store, truth)
+    started = time.perf_counter()
+    done = local_recluster(store, ClusterSettings(), synced.index.search) or {}
+    local_s = time.perf_counter() - started
+    result = {"assign_ms_per_face": round(1000 * (assigner.seconds + settle_s) / len(rows), 3),
+              "assign_faces": int(len(rows)), "assign_index": synced.index.choice.key,
+              "assign_same_person": round(sum(after[i] == before[i] for i in after) / len(after), 4),
+              "arrived_pairwise_f1": arrived, "local_recluster_s": round(local_s, 2),
+              "local_scope": done.get("faces", 0), "local_pairwise_f1": _pairwise(store, truth)}
     store.close()
-    return {"assign_ms_per_face": round(1000 * (assigner.seconds + settle_s) / len(rows), 3),
-            "assign_faces": int(len(rows)), "assign_index": synced.index.choice.key,
-            "assign_same_person": round(sum(after[i] == before[i] for i in after) / len(after), 4)}
+    return result
+
+
+def _pairwise(store, truth: np.ndarray) -> float:
+    """Pairwise F1 of every face's person against the generator's identities (row from the photo's name)."""
+    from indexer.cluster import external_scores
+
+    labels = np.full(len(truth), -1, np.int64)
+    with store.read() as txn:
+        for face in store.iter_faces(txn):
+            labels[int(face.path.rsplit("/", 1)[1][:7])] = face.cluster
+    return round(float(external_scores(truth, labels, information=False)["pairwise_f1"]), 4)
 
 
 def measure(index: Path, repeats: int = 3) -> dict:

@@ -75,8 +75,9 @@ class ClusterSettings:
     assign_neighbours: int = 10      # live assignment: indexed faces searched per new face (persons/assign.py)
     assign_link: float = 0.65        # live assignment: a neighbour counts at this cosine (bench_assign's sweep)
     assign_min_faces: int = 2        # live assignment: faces (the new one + free neighbours) to start a new person
-    recluster_growth: float = 0.25   # daemon reclusters when the index grew by this fraction...
-    recluster_interval_s: float = 3600.0  # ...or this much time passed with new faces
+    recluster_growth: float = 0.25   # the daemon reclusters all when the index grew by this fraction
+    local_recluster_faces: int = 10_000  # ...and locally when this many faces arrived since a recluster saw them...
+    recluster_interval_s: float = 3600.0  # ...or this much time passed with such faces (persons/schedule.py)
     seed: int = 1234
 
 
@@ -146,6 +147,7 @@ def validate(s: Settings) -> Settings:
         (s.cluster.assign_neighbours >= 1 and s.cluster.assign_min_faces >= 2,
          "cluster.assign_neighbours must be >= 1 and cluster.assign_min_faces >= 2"),
         (-1.0 <= s.cluster.assign_link <= 1.0, "cluster.assign_link must be a cosine in [-1, 1]"),
+        (s.cluster.local_recluster_faces >= 1, "cluster.local_recluster_faces must be >= 1"),
         (s.cluster.pair_margin >= 0, "cluster.pair_margin must be >= 0"),
         (0 <= s.cluster.center_merge <= 1, "cluster.center_merge must be a cosine in [0, 1] (0 = off)"),
         (s.cluster.center_lead >= 0, "cluster.center_lead must be >= 0"),

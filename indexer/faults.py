@@ -7,6 +7,8 @@ a read from a dead network mount, a hung disk). Points:
 - ``commit``   every LMDB write transaction, after its writes, just before ``txn.commit()`` (FaceStore.write)
 - ``snapshot`` the FAISS snapshot, written to its temp file but not yet renamed over the old one (VectorIndex.save)
 - ``recluster`` a recluster's result, inside its transaction, before it commits (persons/recluster.apply)
+- ``local-recluster`` a local recluster's new suggestions, inside its transaction, before the word is applied
+  (persons/local.apply_local)
 - ``read``     a reader thread, with the file open, before its first ``read()`` (pipeline/read.py)
 
 The variable is read once, at import. Unset (every real run) ``reached`` is one falsy check. A process that stalls
@@ -21,7 +23,7 @@ import threading
 
 ENV = "FACEINDEX_FAULT"
 ACTIONS = ("kill", "stall")
-POINTS = ("commit", "snapshot", "recluster", "read")
+POINTS = ("commit", "snapshot", "recluster", "local-recluster", "read")
 
 
 def parse(spec: str) -> dict[str, tuple[str, int]]:

@@ -21,6 +21,7 @@ from indexer import fingerprint as fp
 from indexer.config import Settings
 from indexer.errors import NotFoundError
 from indexer.fsutil import leftover_temp_files
+from indexer.library_persons import PersonsFacade
 from indexer.store import lock as lock_mod
 from indexer.store.daemon import daemon_status
 from indexer.store.lmdb_store import SNAPSHOT_FILE, FaceStore, store_exists
@@ -41,7 +42,7 @@ class OpenMode(Enum):
     WRITE = "write"  # ingest, watch: the writer lock, the FAISS snapshot
 
 
-class FaceIndex:
+class FaceIndex(PersonsFacade):
     def __init__(self, settings: Settings, mode: OpenMode = OpenMode.READ, command: str = "ingest",
                  detector: FaceDetector | None = None, embedder: FaceEmbedder | None = None) -> None:
         """Open an index. ``detector`` / ``embedder``: already loaded models to reuse (tests, benchmarks, the
@@ -109,8 +110,7 @@ class FaceIndex:
         return fp.full(self.embedder.fingerprint, prep)
 
     def _check_model(self) -> None:
-        """Refuse to embed for an index whose vectors were made otherwise (checked where vectors are made or
-        compared)."""
+        """Refuse to embed for an index whose vectors were made otherwise (where vectors are made or compared)."""
         self._refuse_other_model(self._fingerprint())
 
     def _refuse_other_model(self, fingerprint: str) -> None:
@@ -190,12 +190,13 @@ class FaceIndex:
 
     def watch(self, root: str | Path, once: bool = False) -> IngestSummary:
         """The daemon over ``root`` until SIGINT/SIGTERM (or, ``once``, until caught up), reclustering when due."""
-        from indexer.persons.recluster import BackgroundRecluster
+        from indexer.persons.schedule import BackgroundRecluster
         from indexer.pipeline.runner import trap_stop_signals
         from indexer.pipeline.watch import Watcher
 
         pipeline = self.pipeline()
-        recluster = BackgroundRecluster(self.store, self.settings.cluster, on_applied=pipeline.index.catch_up)
+        recluster = BackgroundRecluster(self.store, self.settings.cluster, lambda: pipeline.index.index.search,
+                                        pipeline.index.catch_up)
         watcher = Watcher(pipeline, root, once=once, on_idle=lambda wait: recluster.poll(wait))
         restore = trap_stop_signals(pipeline.stop, self.settings.ingest.stop_grace_s)
         try:
@@ -301,72 +302,6 @@ class FaceIndex:
         result = scan(self.store, progress)
         record(self.store, result)
         return result
-
-    # ------------------------------------------------------------------ persons
-    def cluster(self, method: str | None = None, k: int | str | None = None,
-                threshold: float | None = None) -> dict[str, Any]:
-        from indexer.persons.recluster import recluster
-
-        return recluster(self.store, self.settings.cluster, method, k, threshold)
-
-    # Persons as the user sees them (persons/people.py): each reads the person tables for what it shows.
-    def people(self, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-        """Persons, largest first: a page of the person tables."""
-        return self._people_module().people(self.store, offset, limit)
-
-    def people_page(self, show: str = "all", query: str = "", offset: int = 0, limit: int = 120) -> dict[str, Any]:
-        """The People page's persons: named first, ``show`` all/named/unnamed, ``query`` a name part or #id."""
-        return self._people_module().people_page(self.store, show, query, offset, limit)
-
-    def person(self, cluster_id: int, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
-        return self._people_module().person(self.store, cluster_id, offset, limit)
-
-    def outline(self, cluster_id: int) -> dict[str, Any]:
-        """One person's faces as (face id, similarity, confirmed), most central first; ``face_rows`` reads a page."""
-        return self._people_module().outline(self.store, cluster_id)
-
-    def face_rows(self, faces: list[tuple[int, float, bool]]) -> list[dict[str, Any]]:
-        return self._people_module().face_rows(self.store, faces)
-
-    @staticmethod
-    def _people_module() -> Any:
-        from indexer.persons import people
-
-        return people
-
-    def photo(self, face_id: int) -> dict[str, Any]:
-        """The photo of a stored face: path, size, and its faces with their persons."""
-        return self._people_module().photo(self.store, face_id)
-
-    def thumbnail(self, face_id: int) -> bytes:
-        return self._people_module().thumbnail(self.store, face_id)
-
-    def name(self, cluster_id: int, name: str) -> dict[str, Any]:
-        return self._edits().name(self.store, self.settings.cluster, cluster_id, name)
-
-    def merge(self, keep: int, other: int) -> dict[str, Any]:
-        return self._edits().merge(self.store, self.settings.cluster, keep, other)
-
-    def remove_faces(self, cluster_id: int, face_ids: list[int]) -> dict[str, Any]:
-        return self._edits().remove(self.store, self.settings.cluster, cluster_id, face_ids)
-
-    def move_faces(self, face_ids: list[int], cluster_id: int) -> dict[str, Any]:
-        return self._edits().move(self.store, self.settings.cluster, face_ids, cluster_id)
-
-    def ignore_faces(self, face_ids: list[int], ignored: bool = True) -> dict[str, Any]:
-        return self._edits().ignore(self.store, self.settings.cluster, face_ids, ignored)
-
-    def undo(self) -> dict[str, Any]:
-        return self._edits().undo(self.store, self.settings.cluster)
-
-    def history(self) -> list[dict[str, Any]]:
-        return self._edits().edit_history(self.store)
-
-    @staticmethod
-    def _edits() -> Any:
-        from indexer.persons import edits
-
-        return edits
 
     def export(self, out: str | Path) -> dict[str, Any]:
         from indexer.persons.artefacts import export

@@ -175,7 +175,7 @@ def test_empty_and_tiny_indexes_give_clear_messages(tmp_path, copy_index):
 
 def test_daemon_reclusters_when_the_index_grew(copy_index, tmp_path, detector, embedder):
     from indexer.library import FaceIndex, OpenMode
-    from indexer.persons.recluster import due
+    from indexer.persons.schedule import due
     from indexer.persons.state import load_clustering
     from tests.conftest import settings_for
 

@@ -30,16 +30,30 @@ def parse_k(value: str | None) -> int | str | None:
 @click.option("--k", "k", default=None, help="K-Means only: number of clusters, or 'auto' (silhouette).")
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
               help="Cosine threshold for the graph / linkage methods (default: config).")
+@click.option("--local", is_flag=True,
+              help="Only the faces added since the last recluster and the persons they are in or near (what the "
+                   "daemon runs); the method and threshold are the last full recluster's.")
 @index_options
 @json_option
-def cluster(method: str | None, k: str | None, threshold: float | None, settings: Settings, as_json: bool) -> None:
+def cluster(method: str | None, k: str | None, threshold: float | None, local: bool, settings: Settings,
+            as_json: bool) -> None:
     """(Re)cluster the indexed faces now; cluster ids and names are kept across reclusterings."""
     k_value = parse_k(k)
     if k_value is not None and (method or settings.cluster.method) != "kmeans":
         raise click.UsageError("--k applies to --method kmeans only")
+    if local and (method or k or threshold is not None):
+        raise click.UsageError("--local reuses the last full recluster's method and threshold; drop --method, --k "
+                               "and --threshold")
     with open_index(settings, "edit") as fi:
-        result = fi.cluster(method, k_value, threshold)
-    emit(result, as_json, _cluster_text)
+        result = fi.cluster(method, k_value, threshold, local=local)
+    emit(result, as_json, _local_text if local else _cluster_text)
+
+
+def _local_text(r: dict) -> str:
+    if not r.get("faces"):
+        return "nothing to recluster locally: no face arrived since the last recluster (or no clustering yet)"
+    return (f"local recluster: {r['fresh']} new faces, {r['faces']} faces in scope ({r['persons_before']} persons), "
+            f"{r['clusters']} clusters, {r['rederived']} faces re-derived in {r['seconds']} s")
 
 
 def _cluster_text(r: dict) -> str:

@@ -168,7 +168,9 @@ def _status_text(s: dict) -> str:
         f"vectors    {s['index']['type']}, {s['index']['reason']}",
         "memory     index budget " + (f"{s['index']['memory_budget_mb']:,g} MiB" if s["index"].get("memory_budget_mb")
                                        else "none") + f" ({s['index'].get('memory_budget_reason', '')})",
-        f"clusters   {c['method']}, k={c['k']}" + (f", last recluster {c['last_recluster']}" if c.get("k") else ""),
+        f"clusters   {c['method']}, k={c['k']}" + (f", last recluster {c['last_recluster']}" if c.get("k") else "")
+        + (f"; {c['fresh_faces']} new faces since" if c.get("fresh_faces") else "")
+        + (f"; last local recluster {c['last_local_recluster']['time']}" if c.get("last_local_recluster") else ""),
         "daemon     " + (f"running (pid {d['pid']}), backlog {d['backlog']}, last event {d['last_event']}"
                           if d["running"] else "not running"),
     ]

@@ -9,9 +9,7 @@ result between two batches; faces committed meanwhile are assigned to the new ce
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +147,8 @@ def apply(store: FaceStore, computed: Computed, settings: ClusterSettings) -> Cl
         base = Clustering(method=computed.method, params=computed.params, ids=new_ids, centers=computed.centers,
                           metrics=computed.metrics, mapping=mapping)
         clustering = rederive(store, txn, settings, base, suggested=suggested)
+        seen = set(computed.face_ids.tolist())
+        store.forget_fresh(txn, [f for f in store.fresh_faces(txn) if f in seen])
         faults.reached("recluster")  # tests/faults: a crash with the recluster written but not committed
         return clustering
 
@@ -169,82 +169,3 @@ def recluster(store: FaceStore, settings: ClusterSettings, method: str | None = 
     clustering = apply(store, computed, settings)
     return {**clustering.summary(), "seconds": round(computed.seconds, 2), "k_table": computed.k_table,
             "mapping": clustering.mapping, "unassigned": clustering.n_faces - sum(clustering.sizes.values())}
-
-
-def due(store: FaceStore, settings: ClusterSettings, n_faces: int) -> bool:
-    """The daemon's rule: recluster when the index grew by recluster_growth, or recluster_interval_s passed."""
-    current = load_clustering(store)
-    if current is None:
-        return False  # the first clustering is the user's call (`faceindex cluster`): method and k are theirs
-    grown = n_faces - current.n_faces
-    if grown <= 0:
-        return False
-    return (grown >= settings.recluster_growth * max(current.n_faces, 1)
-            or time.time() - current.created >= settings.recluster_interval_s)
-
-
-
-
-class BackgroundRecluster:
-    """The daemon's reclustering: when ``due``, clusters a snapshot in a thread; applies it between two batches.
-
-    ``poll()`` is called by the daemon's loop between batches (cheap: one check per 2 s); ``poll(wait=True)``
-    starts a due recluster and waits for it (``watch --once``). ``on_applied`` runs after a result is written
-    (the daemon catches its vector index up).
-    """
-
-    CHECK_EVERY_S = 2.0
-
-    def __init__(self, store: FaceStore, settings: ClusterSettings,
-                 on_applied: Callable[[], None] = lambda: None) -> None:
-        self.store, self.settings, self.on_applied = store, settings, on_applied
-        self.job: ReclusterJob | None = None
-        self.checked = 0.0
-
-    def poll(self, wait: bool = False) -> None:
-        if self.job is None and not self._start_if_due(wait):
-            return
-        if wait:
-            self.job.join()
-        if self.job.is_alive():
-            return
-        job, self.job = self.job, None
-        if job.error is not None:
-            log.warning("recluster failed: %s", job.error)
-            return
-        result = apply(self.store, job.computed, self.settings)
-        self.on_applied()
-        log.info("reclustered %s: k=%d over %d faces in %.1f s", result.method, len(result.ids), result.n_faces,
-                 job.computed.seconds)
-
-    def _start_if_due(self, wait: bool) -> bool:
-        now = time.monotonic()
-        if not wait and now - self.checked < self.CHECK_EVERY_S:
-            return False
-        self.checked = now
-        if not due(self.store, self.settings, self.store.face_count()):
-            return False
-        self.job = ReclusterJob(self.store, self.settings)
-        self.job.start()
-        return True
-
-
-class ReclusterJob(threading.Thread):
-    """Clusters a snapshot of the store's vectors off the main loop (daemon thread: never delays shutdown)."""
-
-    def __init__(self, store: FaceStore, settings: ClusterSettings) -> None:
-        super().__init__(name="recluster", daemon=True)
-        self.settings = settings
-        self.previous = load_clustering(store)
-        self.ids, self.x = snapshot(store)
-        self.computed: Computed | None = None
-        self.error: Exception | None = None
-
-    def run(self) -> None:
-        prev = self.previous
-        try:
-            k = len(prev.ids) if prev.method == "kmeans" else None
-            self.computed = compute(self.ids, self.x, self.settings, method=prev.method, k=k,
-                                    threshold=prev.params.get("threshold"), previous=prev)
-        except Exception as exc:  # reported by the main loop; the daemon keeps indexing
-            self.error = exc

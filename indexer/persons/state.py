@@ -20,6 +20,7 @@ from indexer.store.lmdb_store import FaceStore
 
 NO_CLUSTERS = "no clusters yet; run `faceindex cluster` first"
 
+LOCAL_KEY = "local_recluster"   # meta: when the last local recluster ran and what it saw (persons/local.py)
 
 @dataclass
 class Clustering:
@@ -82,10 +83,13 @@ def clustering_summary(store: FaceStore) -> dict[str, Any]:
             return {"method": None, "k": 0}
         k = store.person_count(txn)
         named = sum(1 for p in person_names(store, txn) if store.person_row(p, txn) is not None)
+        fresh, local = store.fresh_count(txn), store.get_meta(LOCAL_KEY, None, txn)
     summary = Clustering(method=meta["method"], params=meta.get("params", {}), ids=np.zeros(0, np.int64),
                          centers=np.zeros((0, 0), np.float32), metrics=meta.get("metrics", {}),
                          created=meta.get("created", 0.0), n_faces=meta.get("n_faces", 0)).summary()
-    return {**summary, "k": int(k), "named": named}
+    if local is not None:
+        local = {**local, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(local["time"]))}
+    return {**summary, "k": int(k), "named": named, "fresh_faces": fresh, "last_local_recluster": local}
 
 
 def save_clustering(store: FaceStore, txn, clustering: Clustering) -> None:

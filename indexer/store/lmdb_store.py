@@ -29,7 +29,7 @@ from indexer.fsutil import private_dir
 from indexer.store.files import COUNTS_KEY, FileTable, count_files
 from indexer.store.integrity import decode_face, vector_ok
 from indexer.store.mapguard import MapGuard, storage_error
-from indexer.store.persons import BUILT_KEY, PERSON_TABLES, PersonTable, placed
+from indexer.store.persons import BUILT_KEY, FRESH_TABLE, PERSON_TABLES, PersonTable, placed
 from indexer.store.records import FaceRecord, NewFace, from_u64, pack, u64, unpack
 from indexer.store.word import WordTable
 
@@ -45,8 +45,9 @@ READABLE_SCHEMAS = (1, 2, 3, 4)
 STORE_DIR = "store.lmdb"
 SNAPSHOT_FILE = "vectors.faiss"  # beside it: the FAISS snapshot (indexer/store/sync.py)
 _DBS = ("meta", "files", "sha", "faces", "vectors", "thumbs", "log", "clusters", "word", "names", "history",
-        "failed", *PERSON_TABLES)
-_OPTIONAL = ("word", "names", "history", "failed", *PERSON_TABLES)  # absent from an older index until a writer
+        "failed", *PERSON_TABLES, FRESH_TABLE)
+# absent from an older index until a writer opens it
+_OPTIONAL = ("word", "names", "history", "failed", *PERSON_TABLES, FRESH_TABLE)
 _INITIAL_MAP = 1 << 30      # 1 GiB; sparse on Linux, doubled whenever a transaction fills it
 
 
@@ -218,6 +219,7 @@ class FaceStore(FileTable, PersonTable, WordTable):
         txn.put(u64(face_id), vector.tobytes(), db=self.db["vectors"])
         txn.put(u64(face_id), face.thumbnail, db=self.db["thumbs"])
         self._face_moved(txn, face_id, placed(None), placed(rec), None, vector)
+        self.mark_fresh(txn, face_id)
         self._log(txn, "a", face_id)
         return face_id
 
@@ -227,6 +229,7 @@ class FaceStore(FileTable, PersonTable, WordTable):
                          self.get_vector(face_id, txn), None)
         for name in ("faces", "vectors", "thumbs"):
             txn.delete(key, db=self.db[name])
+        self.mark_fresh(txn, face_id, False)
         self._log(txn, "r", face_id)
 
     def replace_face(self, txn: lmdb.Transaction, face_id: int, face: NewFace) -> None:

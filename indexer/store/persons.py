@@ -31,6 +31,7 @@ from indexer.embedding import EMBEDDING_DIM as DIM
 from indexer.store.records import FaceRecord, from_u64, pack, u64, unpack
 
 PERSON_TABLES = ("persons", "members", "by_size", "suggested")
+FRESH_TABLE = "fresh"   # face id -> empty: faces added since a recluster last saw them (persons/local.py)
 BUILT_KEY = "person_tables"  # meta: the tables are complete for this index
 _PAIR = struct.Struct(">QQ")
 _SIM = struct.Struct("<f")
@@ -192,6 +193,32 @@ class PersonTable:
             return self._scanned(txn)[0].get(person)
         raw = txn.get(u64(person), db=self.db["persons"])
         return None if raw is None else PersonRow.unpack(person, raw)
+
+    # ------------------------------------------------------------------ faces no recluster has seen yet
+    def mark_fresh(self, txn: lmdb.Transaction, face_id: int, fresh: bool = True) -> None:
+        if fresh:
+            txn.put(u64(face_id), b"", db=self.db[FRESH_TABLE])
+        else:
+            txn.delete(u64(face_id), db=self.db[FRESH_TABLE])
+
+    def fresh_faces(self, txn: lmdb.Transaction, limit: int | None = None) -> list[int]:
+        """Faces added since a recluster last saw them, oldest first (at most ``limit``)."""
+        if FRESH_TABLE not in self.db:
+            return []
+        out = []
+        for key in txn.cursor(db=self.db[FRESH_TABLE]).iternext(values=False):
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(from_u64(key))
+        return out
+
+    def fresh_count(self, txn: lmdb.Transaction) -> int:
+        return txn.stat(self.db[FRESH_TABLE])["entries"] if FRESH_TABLE in self.db else 0
+
+    def forget_fresh(self, txn: lmdb.Transaction, face_ids: Iterable[int]) -> None:
+        """A recluster saw these faces."""
+        for face_id in face_ids:
+            txn.delete(u64(int(face_id)), db=self.db[FRESH_TABLE])
 
     def highest_person(self, txn: lmdb.Transaction) -> int:
         """The highest id of a person with faces (-1: none)."""

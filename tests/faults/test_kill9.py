@@ -47,17 +47,17 @@ recluster_growth = 0.1  # the daemon reclusters once the index grew by a tenth
 
 @dataclass(frozen=True)
 class Trial:
-    process: str   # ingest | watch | cluster | edit
-    fault: str     # commit | snapshot | recluster | outside
+    process: str   # ingest | watch | cluster | edit | local (`cluster --local` after an ingest of new photos)
+    fault: str     # commit | snapshot | recluster | local-recluster | outside
 
 
-# 33 trials: where a process can die, each several times with different changes and moments.
+# 35 trials: where a process can die, each several times with different changes and moments.
 TRIALS = ([Trial("ingest", "commit")] * 6 + [Trial("ingest", "snapshot")] * 4 + [Trial("ingest", "outside")] * 4
           + [Trial("watch", "commit")] * 5 + [Trial("watch", "snapshot")] * 3 + [Trial("watch", "outside")] * 4
           + [Trial("watch", "recluster")] * 2
           + [Trial("cluster", "recluster")] * 2 + [Trial("cluster", "commit")] * 1 + [Trial("cluster", "outside")] * 1
-          + [Trial("edit", "commit")] * 1)
-FAST = {0}  # `make test` runs this one (ingest dying just before a commit); `make test-faults` all 32
+          + [Trial("edit", "commit")] * 1 + [Trial("local", "local-recluster")] * 1 + [Trial("local", "outside")] * 1)
+FAST = {0}  # `make test` runs this one (ingest dying just before a commit); `make test-faults` all 35
 
 
 class Lab:
@@ -170,8 +170,9 @@ def _run_and_kill(lab: Lab, trial: Trial, rng: random.Random) -> str:
     """Restore the baseline, run the trial's process with its fault (changing the folder under a daemon) and see
     it killed; returns where. A kill from outside that comes after the process already finished is tried again,
     sooner (same seed, so the same changes)."""
-    commits = 1 if trial.process in ("cluster", "edit") else 3  # a cluster run or an edit commits once
-    nth = {"commit": rng.randint(1, commits), "snapshot": rng.randint(1, 2), "recluster": 1}.get(trial.fault)
+    commits = 1 if trial.process in ("cluster", "edit", "local") else 3  # a cluster run or an edit commits once
+    nth = {"commit": rng.randint(1, commits), "snapshot": rng.randint(1, 2), "recluster": 1,
+           "local-recluster": 1}.get(trial.fault)
     # From outside: a random delay after the trial's marker (the daemon: the first change; ingest: its k-th
     # commit, k = 0 meaning its start; cluster: its start).
     after_commits = rng.randint(0, 2) if trial.process == "ingest" else 0
@@ -193,10 +194,12 @@ def _attempt(lab: Lab, trial: Trial, rng: random.Random, nth: int | None, delay:
     lab.restore()
     base = _last_commit(lab.index)
     args = {"ingest": ["ingest", str(lab.photos)], "watch": ["watch", str(lab.photos)], "cluster": ["cluster"],
-            "edit": lab.edit}
+            "edit": lab.edit, "local": ["cluster", "--local"]}
     args = [*args[trial.process], "--index", str(lab.index), "--config", str(lab.config)]
-    if trial.process == "ingest":
+    if trial.process in ("ingest", "local"):
         lab.change(rng, deletes=False)
+    if trial.process == "local":  # new faces, placed live, waiting for a local recluster
+        lab.run("ingest", lab.index, lab.photos)
     child = Child(args, env={"FACEINDEX_FAULT": f"kill@{trial.fault}:{nth}"} if nth else {})
     try:
         if trial.process == "watch":
