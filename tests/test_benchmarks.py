@@ -37,7 +37,7 @@ KEYS: dict[str, set[str]] = {
     "bench_soak": {"events", "faces", "failures", "rss_start_mb", "rss_end_mb", "oracle_ok"},
     "bench_scale": {"ray_vs_single_ratio", "indexes", "memory_budget_mb", "targets_met"},
     "bench_persons_scale": {"sizes", "targets_met_1m"},
-    "bench_assign": {"batch", "centers", "knn", "sweep"},
+    "bench_assign": {"batch", "centers", "knn", "sweep", "real_live", "real_local"},
 }
 # The scripts that read LFW (all but bench_serve, whose index is synthetic and whose search photo is a sample).
 NEEDS_LFW = {"bench_models", "bench_ingest", "bench_query", "bench_cluster", "bench_watch", "bench_cli", "bench_soak",
