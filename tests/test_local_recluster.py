@@ -114,3 +114,17 @@ def test_the_daemon_runs_a_local_recluster_for_new_faces_and_a_full_one_when_the
     daemon.poll(wait=True)
     assert index.store.get_meta("clustering")["n_faces"] == n + 44 and _fresh(index) == 0
     tables_match_a_scan(index.store)
+
+
+def test_a_scope_never_exceeds_its_bound_and_what_does_not_fit_waits(index):  # noqa: F811
+    index.cluster()
+    x = people_vectors(N_PEOPLE + 1, PER_PERSON + 2)
+    _add(index, x[N_PEOPLE * (PER_PERSON + 2):][:4], "n")
+    _add(index, people_vectors(N_PEOPLE, PER_PERSON + 2)[PER_PERSON:PER_PERSON + 2], "m")   # near identity 0
+    found = scope(index.store, index.settings.cluster, _search(index), max_faces=5)
+    assert len(found.fresh) == 5 and len(found.face_ids) <= 5
+    assert len(found.persons) == 0, "identity 0's 8 faces do not fit: its person is left whole for later"
+    local_recluster(index.store, index.settings.cluster, _search(index), max_faces=5)
+    assert _fresh(index) == 1
+    tables_match_a_scan(index.store)
+    a_full_rederive_changes_nothing(index)

@@ -52,7 +52,7 @@ class Scope:
     fresh: np.ndarray        # the fresh faces it covers
     face_ids: np.ndarray     # every face of the scope (fresh ones included)
     x: np.ndarray            # their vectors
-    persons: np.ndarray      # the persons they are in now
+    persons: np.ndarray      # the persons whose faces are all in it (the clusters may take their ids)
     method: str
     threshold: float | None
 
@@ -79,16 +79,17 @@ def scope(store: FaceStore, settings: ClusterSettings, search: Search | None,
         if search is not None:
             persons |= _near(store, txn, search, fresh, vectors, threshold, max_faces)
         persons.discard(-1)
+        whole = []   # the persons taken in whole (the others wait for the next run, or a full recluster)
         for person in sorted(persons):
             members = [f for f, _ in store.member_similarities(person, txn) if f not in vectors]
             if len(vectors) + len(members) > max_faces:
-                break
+                continue
             vectors.update((f, v) for f in members if (v := store.get_vector(f, txn)) is not None)
+            whole.append(person)
         ignored = {f for f in vectors if (store.face_word(txn, f) or {}).get("ignored")}
     face_ids = np.array([f for f in vectors if f not in ignored], np.int64)
     x = np.stack([vectors[f] for f in face_ids.tolist()]) if len(face_ids) else np.zeros((0, 512), np.float32)
-    return Scope(np.array(fresh, np.int64), face_ids, x, np.array(sorted(persons), np.int64), meta["method"],
-                 threshold)
+    return Scope(np.array(fresh, np.int64), face_ids, x, np.array(whole, np.int64), meta["method"], threshold)
 
 
 def _near(store: FaceStore, txn, search: Search, fresh: list[int], vectors: dict[int, np.ndarray],
