@@ -1,7 +1,11 @@
-"""The LMDB store: the source of truth for files, faces, vectors, thumbnails, clusters and the change log.
+"""The LMDB store: the source of truth for files, faces, vectors, thumbnails, persons, the user's word and the log.
 
 One environment (``<index>/store.lmdb``) with named databases; values are msgpack (records) or raw bytes
-(float32 vectors, JPEG thumbnails) — no pickle. Every batch is committed in ONE write transaction, so a crash
+(float32 vectors, JPEG thumbnails) — no pickle. This module owns the environment, its transactions, the schema and
+the meta table; each family of tables has its own module, a part of ``FaceStore``: faces.py (faces, vectors,
+thumbnails, the change log), files.py, persons.py, word.py. Only indexer/store/ touches the tables.
+
+Every batch is committed in ONE write transaction, so a crash
 leaves either the whole batch or none of it. The map grows by itself when full.
 
 The ``log`` database records, under a monotonically increasing sequence number, each face added to or removed from
@@ -19,18 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-import numpy as np
 
 from indexer import faults
 from indexer import fingerprint as fp
-from indexer.embedding import EMBEDDING_DIM as DIM
 from indexer.errors import IndexMismatchError, NotFoundError
 from indexer.fsutil import private_dir
+from indexer.store.faces import FaceTable
 from indexer.store.files import COUNTS_KEY, FileTable, count_files
-from indexer.store.integrity import decode_face, vector_ok
 from indexer.store.mapguard import MapGuard, storage_error
-from indexer.store.persons import BUILT_KEY, FRESH_TABLE, PERSON_TABLES, PersonTable, placed
-from indexer.store.records import FaceRecord, NewFace, from_u64, pack, u64, unpack
+from indexer.store.persons import BUILT_KEY, FRESH_TABLE, PERSON_TABLES, PersonTable
+from indexer.store.records import pack, unpack
 from indexer.store.word import WordTable
 
 # 2: the user's word about persons (tables word, names, history) and each face's suggested person. A version 1
@@ -55,7 +57,7 @@ def store_exists(index_dir: str | Path) -> bool:
     return (Path(index_dir) / STORE_DIR / "data.mdb").is_file()
 
 
-class FaceStore(FileTable, PersonTable, WordTable):
+class FaceStore(FaceTable, FileTable, PersonTable, WordTable):
     """LMDB environment of one index. ``readonly`` opens for queries from other processes."""
 
     def __init__(self, index_dir: str | Path, readonly: bool = False) -> None:
@@ -198,131 +200,6 @@ class FaceStore(FileTable, PersonTable, WordTable):
             raise fp.mismatch(self.index_dir, current, fingerprint)
         if self.get_meta("model", txn=txn) != fingerprint:  # first use, or a pre-issue-11 record made explicit
             self.put_meta(txn, "model", fingerprint)
-
-    # ------------------------------------------------------------------ faces
-    def _next_id(self, txn: lmdb.Transaction, key: str) -> int:
-        n = self.get_meta(key, 0, txn) + 1
-        self.put_meta(txn, key, n)
-        return n
-
-    def _log(self, txn: lmdb.Transaction, op: str, face_id: int) -> None:
-        txn.put(u64(self._next_id(txn, "seq")), pack([op, face_id]), db=self.db["log"])
-
-    def _add_face(self, txn: lmdb.Transaction, path: str, face: NewFace) -> int:
-        face_id = self._next_id(txn, "next_face_id")
-        rec = FaceRecord(face_id, path, [float(v) for v in face.box], float(face.prob),
-                         [[float(x), float(y)] for x, y in face.landmarks], int(face.cluster), float(face.similarity))
-        vector = np.ascontiguousarray(face.vector, dtype=np.float32)
-        if vector.shape != (DIM,):
-            raise ValueError(f"vector of shape {vector.shape}, expected ({DIM},)")
-        txn.put(u64(face_id), pack(rec.to_dict()), db=self.db["faces"])
-        txn.put(u64(face_id), vector.tobytes(), db=self.db["vectors"])
-        txn.put(u64(face_id), face.thumbnail, db=self.db["thumbs"])
-        self._face_moved(txn, face_id, placed(None), placed(rec), None, vector)
-        self.mark_fresh(txn, face_id)
-        self._log(txn, "a", face_id)
-        return face_id
-
-    def _remove_face(self, txn: lmdb.Transaction, face_id: int) -> None:
-        key = u64(face_id)
-        self._face_moved(txn, face_id, placed(self.get_face(face_id, txn)), placed(None),
-                         self.get_vector(face_id, txn), None)
-        for name in ("faces", "vectors", "thumbs"):
-            txn.delete(key, db=self.db[name])
-        self.mark_fresh(txn, face_id, False)
-        self._log(txn, "r", face_id)
-
-    def replace_face(self, txn: lmdb.Transaction, face_id: int, face: NewFace) -> None:
-        """The same face embedded again (``ingest --rebuild``): new box, vector, thumbnail, same id (and so the user's
-        word and, until the next recluster, its person). Logged as 'u' (sync.py)."""
-        rec = self.get_face(face_id, txn)
-        rec.box, rec.prob, rec.landmarks = [float(v) for v in face.box], float(face.prob), face.landmarks
-        vector = np.ascontiguousarray(face.vector, dtype=np.float32)
-        old_vector = self.get_vector(face_id, txn)
-        self._face_moved(txn, face_id, placed(rec), placed(rec), None if old_vector is None else old_vector.copy(),
-                         vector)
-        txn.put(u64(face_id), pack(rec.to_dict()), db=self.db["faces"])
-        txn.put(u64(face_id), vector.tobytes(), db=self.db["vectors"])
-        txn.put(u64(face_id), face.thumbnail, db=self.db["thumbs"])
-        self._log(txn, "u", face_id)
-
-    def get_face(self, face_id: int, txn: lmdb.Transaction | None = None) -> FaceRecord | None:
-        raw = self._get("faces", u64(face_id), txn)
-        return None if raw is None else decode_face(u64(face_id), raw)
-
-    def put_face(self, txn: lmdb.Transaction, face: FaceRecord, old: tuple[int, int, float] | None = None,
-                 vector: np.ndarray | None = None) -> None:
-        """Rewrite a face's record (its person, similarity, suggestion); its vector and thumbnail stay. ``old``
-        (``placed`` of the stored record) and ``vector`` spare the person tables a read when the caller has them."""
-        if old is None:
-            old = placed(self.get_face(face.face_id, txn))
-        if vector is None:
-            vector = self.get_vector(face.face_id, txn)
-        self._face_moved(txn, face.face_id, old, placed(face), vector, vector)
-        txn.put(u64(face.face_id), pack(face.to_dict()), db=self.db["faces"])
-
-    def reusable_faces(self, txn: lmdb.Transaction, path: str) -> list[NewFace]:
-        """The stored faces of ``path`` as new faces (vector, thumbnail, person) for a byte-identical copy."""
-        rec = self.get_file(path, txn)
-        faces = []
-        for face_id in rec.face_ids if rec else []:
-            face, vector = self.get_face(face_id, txn), self.get_vector(face_id, txn)
-            if face is None or vector is None:
-                continue  # damaged (integrity.py): the copy goes without that face
-            faces.append(NewFace(box=face.box, prob=face.prob, landmarks=face.landmarks, vector=vector.copy(),
-                                 thumbnail=self.get_thumbnail(face_id, txn) or b"",
-                                 cluster=face.cluster, similarity=face.similarity))
-        return faces
-
-    def face_count(self, txn: lmdb.Transaction | None = None) -> int:
-        if txn is None:
-            with self.read() as t:
-                return self.face_count(t)
-        return txn.stat(self.db["faces"])["entries"]
-
-    def iter_faces(self, txn: lmdb.Transaction) -> Iterator[FaceRecord]:
-        for key, raw in txn.cursor(db=self.db["faces"]):
-            face = decode_face(key, raw)  # a damaged record is skipped with a warning (integrity.py)
-            if face is not None:
-                yield face
-
-    def get_vector(self, face_id: int, txn: lmdb.Transaction) -> np.ndarray | None:
-        """The face's vector; None when it has none or it is damaged (wrong length: warned once, integrity.py)."""
-        key = u64(face_id)
-        raw = txn.get(key, db=self.db["vectors"])
-        return None if raw is None or not vector_ok(key, raw) else np.frombuffer(raw, dtype=np.float32)
-
-    def get_thumbnail(self, face_id: int, txn: lmdb.Transaction) -> bytes | None:
-        raw = txn.get(u64(face_id), db=self.db["thumbs"])
-        return None if raw is None else bytes(raw)
-
-    def all_vectors(self, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [N], vectors float32 [N, 512]) of every face, in id order."""
-        ids, chunks = [], []
-        for key, raw in txn.cursor(db=self.db["vectors"]):
-            if vector_ok(key, raw):
-                ids.append(from_u64(key))
-                chunks.append(raw)
-        vectors = np.frombuffer(b"".join(chunks), dtype=np.float32).reshape(-1, DIM) if chunks \
-            else np.zeros((0, DIM), np.float32)
-        return np.asarray(ids, dtype=np.int64), vectors
-
-    # ------------------------------------------------------------------ change log
-    def log_since(self, seq: int, txn: lmdb.Transaction) -> Iterator[tuple[int, str, int]]:
-        """(seq, op, face_id) for every change after ``seq``; op is 'a' (added), 'r' (removed) or 'u' (its vector
-        replaced by ``replace_face``)."""
-        cursor = txn.cursor(db=self.db["log"])
-        if cursor.set_range(u64(seq + 1)):
-            for key, raw in cursor:
-                op, face_id = unpack(raw)
-                yield from_u64(key), op, face_id
-
-    def truncate_log(self, txn: lmdb.Transaction, upto: int) -> None:
-        """Drop log entries <= ``upto`` (a saved snapshot covers them); readers of older snapshots reload."""
-        cursor = txn.cursor(db=self.db["log"])
-        while cursor.first() and from_u64(cursor.key()) <= upto:
-            cursor.delete()
-        self.put_meta(txn, "log_floor", max(upto, self.get_meta("log_floor", 0, txn)))
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.index_dir.rglob("*") if p.is_file())
