@@ -20,7 +20,6 @@ Then the real thing: an LMDB store, a FAISS index, the real assigner and, after 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from benchmarks.lfw_data import SMOKE_NOTE, lfw_embeddings, lfw_sample, require_data, smoke_photos
+from benchmarks.lfw_data import SMOKE_NOTE, Recorder, lfw_embeddings, lfw_sample, require_data, smoke_photos
 from indexer.cluster import assign_to_centers, cluster_identities, external_scores
 from indexer.config import ClusterSettings
 from indexer.persons.assign import AssignRule, Neighbour, decide
@@ -209,28 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=float, default=0.5, help="share of the photos clustered at once (0.5)")
     parser.add_argument("--smoke", action="store_true", help="a few LFW photos (seconds): checks the script runs")
     args = parser.parse_args(argv)
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        lines.append(line)
-        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
-
+    rec = Recorder(str(args.out) if args.out else None, "bench_assign")
+    rec.table_to_stderr = args.json   # stdout stays one JSON object
     if args.smoke:
-        say(SMOKE_NOTE)
+        rec.print(SMOKE_NOTE)
         root = require_data()
         data = lfw_sample(root, smoke_photos(root, **SMOKE_PHOTOS))
     else:
         data = lfw_embeddings()
     with threadpool_limits(limits=2):
-        result = run(np.ascontiguousarray(data["vectors"], np.float32), data["people"], args.base, say)
+        result = run(np.ascontiguousarray(data["vectors"], np.float32), data["people"], args.base, rec.print)
     result["smoke"] = bool(args.smoke)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_assign.txt").write_text("\n".join(lines) + "\n")
-        (args.out / "bench_assign.json").write_text(text + "\n")
-    if args.json:
-        print(text)
+    rec.json(result, to_stdout=args.json)
+    rec.close()
     return 0
 
 
