@@ -12,7 +12,7 @@ import pytest
 from indexer.persons.assign import AssignRule, KnnAssigner, Neighbour, decide
 from indexer.persons.state import Clustering, save_clustering
 from indexer.store.lmdb_store import FaceStore
-from indexer.store.records import FileRecord, NewFace
+from indexer.store.records import FileRecord, NewFace, u64
 from indexer.store.vectors import VectorIndex
 from tests.test_person_tables import tables_match_a_scan
 
@@ -139,4 +139,17 @@ def test_nothing_is_placed_before_the_first_clustering(tmp_path):
     store = FaceStore(tmp_path / "ix")
     assigner = KnnAssigner(store, RULE, lambda: None)
     assert assigner.plan([NewFace([0, 0, 1, 1], 0.9, [[0, 0]] * 5, _unit(rng, 1)[0], b"t")], ["a.jpg"]) is None
+    store.close()
+
+
+def test_a_neighbour_with_a_damaged_vector_is_passed_over(tmp_path):
+    rng = np.random.default_rng(5)
+    (carl,) = _unit(rng, 1)
+    old = np.concatenate([_unit(rng, 3, carl), _unit(rng, 3)])
+    store = _store_with_persons(tmp_path / "ix", old, [-1] * 6, [f"old{i}.jpg" for i in range(6)])
+    index = VectorIndex.build(np.arange(1, 7), old)
+    store.transact(lambda txn: txn.put(u64(1), b"\x00" * 100, db=store.db["vectors"]))  # face 1
+    plan = KnnAssigner(store, RULE, lambda: index.search).plan(
+        [NewFace([0, 0, 10, 10], 0.99, [[0, 0]] * 5, _unit(rng, 1, carl)[0], b"t")], ["new.jpg"])
+    assert plan.decision.labels == [-2] and plan.decision.adopted == {-2: [2, 3]}, "face 1 cannot be compared"
     store.close()

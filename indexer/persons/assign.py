@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from indexer.store.lmdb_store import FaceStore
-from indexer.store.records import NewFace
+from indexer.store.persons import placed
+from indexer.store.records import FaceRecord, NewFace
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]  # (sims [m, k], ids [m, k]), -1 padded
 UNASSIGNED = -1
@@ -142,7 +143,7 @@ class Plan:
     faces: list[NewFace]
     decision: Decision
     vectors: np.ndarray
-    store_vectors: dict[int, np.ndarray]
+    store_vectors: dict[int, np.ndarray]   # float32 vectors of the indexed faces it may adopt
 
     def settle(self, store: FaceStore, txn) -> None:
         from indexer.persons.apply import next_person_id
@@ -150,16 +151,17 @@ class Plan:
         first = next_person_id(store, txn, [store.highest_person(txn)])
         ids = {label: first + n for n, label in enumerate(self.decision.new_persons())}
         for label, person in ids.items():
-            members = [f for f in self.decision.adopted.get(label, []) if _still_free(store, txn, f)]
+            members = {f: rec for f in self.decision.adopted.get(label, [])
+                       if (rec := _still_free(store, txn, f)) is not None}
             rows = [i for i, lab in enumerate(self.decision.labels) if lab == label]
             center = self.vectors[rows].astype(np.float64).sum(0)
             for f in members:
                 center += self.store_vectors[f]
             center = center / max(float(np.linalg.norm(center)), 1e-12)
-            for f in members:
-                rec = store.get_face(f, txn)
+            for f, rec in members.items():
                 store.put_face(txn, replace(rec, cluster=person, suggested=None,
-                                            similarity=float(self.store_vectors[f] @ center)))
+                                            similarity=float(self.store_vectors[f] @ center)),
+                               old=placed(rec), vector=self.store_vectors[f])
             for i in rows:
                 self.decision.sims[i] = float(self.vectors[i] @ center)
         if ids:
@@ -168,10 +170,16 @@ class Plan:
             face.cluster, face.similarity = (ids[label] if label <= -2 else label), sim
 
 
-def _still_free(store: FaceStore, txn, face_id: int) -> bool:
+def _still_free(store: FaceStore, txn, face_id: int) -> FaceRecord | None:
+    """The face's record if it may still join a new person (no person, not ignored, not tied), else None."""
     rec = store.get_face(face_id, txn)
+    return rec if rec is not None and rec.cluster == UNASSIGNED and _free_word(store, txn, face_id) else None
+
+
+def _free_word(store: FaceStore, txn, face_id: int) -> bool:
+    """The user said nothing that keeps this face out of a new person (it is not ignored, nor tied to one)."""
     said = store.face_word(txn, face_id) or {}
-    return rec is not None and rec.cluster == UNASSIGNED and not said.get("ignored") and said.get("person") is None
+    return not said.get("ignored") and said.get("person") is None
 
 
 class KnnAssigner:
@@ -214,11 +222,11 @@ class KnnAssigner:
         records, vectors = {}, {}
         for f in {int(f) for f in ids[sims >= self.rule.link].ravel() if f >= 0}:
             rec = self.store.get_face(f, txn)
-            if rec is not None:
-                said = self.store.face_word(txn, f) or {}
-                records[f] = (rec.cluster, rec.path, not said.get("ignored") and said.get("person") is None)
-                if rec.cluster == UNASSIGNED:
-                    vectors[f] = self.store.get_vector(f, txn).astype(np.float64)
+            vector = self.store.get_vector(f, txn) if rec is not None and rec.cluster == UNASSIGNED else None
+            if rec is not None and (rec.cluster != UNASSIGNED or vector is not None):  # a damaged vector: skipped
+                records[f] = (rec.cluster, rec.path, _free_word(self.store, txn, f))
+                if vector is not None:
+                    vectors[f] = vector
         mates = x @ x.T
         out = []
         for i in range(len(x)):

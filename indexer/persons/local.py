@@ -116,12 +116,12 @@ def apply_local(store: FaceStore, found: Scope, computed: Computed, settings: Cl
     def write(txn) -> dict[str, Any]:
         ids = _local_ids(store, txn, found.persons, computed)
         suggestion = np.where(computed.labels >= 0, ids[np.maximum(computed.labels, 0)] if len(ids) else -1, -1)
-        for face_id, sugg in zip(computed.face_ids.tolist(), suggestion.tolist(), strict=True):
+        for row, (face_id, sugg) in enumerate(zip(computed.face_ids.tolist(), suggestion.tolist(), strict=True)):
             face = store.get_face(face_id, txn)
             if face is not None and face.suggested != sugg:
                 old = placed(face)
                 face.suggested = int(sugg)
-                store.put_face(txn, face, old=old)
+                store.put_face(txn, face, old=old, vector=found.x[row])   # computed keeps the scope's order
         faults.reached("local-recluster")  # tests/faults: a crash with the suggestions written, not committed
         changed = rederive_local(store, txn, settings, computed.face_ids.tolist(), [*found.persons.tolist(),
                                                                                      *ids.tolist()])
