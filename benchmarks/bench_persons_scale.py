@@ -160,7 +160,7 @@ def _ops(x: np.ndarray, truth: np.ndarray, computed) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-persons-index-") as tmp:
         built = build(Path(tmp) / "index", x, computed, ClusterSettings())
-        return {**built, **measure(Path(tmp) / "index"), **assign_new(Path(tmp) / "index", x, truth)}
+        return {**built, **measure(Path(tmp) / "index", truth), **assign_new(Path(tmp) / "index", x, truth)}
 
 
 def cached_views() -> dict | None:

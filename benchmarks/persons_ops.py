@@ -7,7 +7,7 @@ ingest does. ``measure`` then times, one after
 the other:
 - whole processes of the real CLI, start-up included: ``status``, ``people list --limit 120``,
   ``people show --limit 96`` of the largest person, and edits (name, move, remove, ignore, undo; a merge of the two
-  largest persons and its undo);
+  largest persons and its undo) on persons of distinct identities (``distinct_people``);
 - the real server (``faceindex serve``, models loaded first): the People page, the largest person's page, and the
   same edits through the JSON API (``edit_p50_ms`` / ``edit_p95_ms`` over all of them, the merge apart).
 ``assign_new`` then times the live assignment of 1% of the faces arriving again as new photos, and the local
@@ -80,12 +80,39 @@ def _p95(values: list[float], scale: float = 1.0) -> float:
     return round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * scale, 3)
 
 
+def identities(index: Path, persons: list[int], truth: np.ndarray) -> dict[int, int]:
+    """{person: the generator's identity most of its faces have} (rows from the photos' names)."""
+    from indexer.store.lmdb_store import FaceStore
+
+    store = FaceStore(index, readonly=True)
+    out = {}
+    try:
+        with store.read() as txn:
+            for person in persons:
+                rows = [int(store.get_face(f, txn).path.rsplit("/", 1)[1][:7])
+                        for f, _ in store.member_similarities(person, txn)]
+                out[person] = int(np.bincount(truth[rows]).argmax())
+    finally:
+        store.close()
+    return out
+
+
+def distinct_people(rows: list[dict], identity: dict[int, int]) -> list[dict]:
+    """The rows of the list's second half whose identity no other listed person shares.
+
+    A user corrects persons that are different people. Two listed persons of one identity are pieces of it that the
+    recluster left apart; naming one and moving a face into the other would tell every later recluster that the
+    pieces are two people (derive_persons keeps the user's persons apart), which no user means."""
+    shared = np.bincount([identity[r["id"]] for r in rows])
+    return [r for r in rows[len(rows) // 2:] if shared[identity[r["id"]]] == 1]
+
+
 def _edits(rows: list[dict], faces: dict[int, list[int]]) -> list[tuple[str, str, dict, list[str]]]:
-    """(kind, API path, JSON body, CLI args) for each edit measured: persons from the middle of the list."""
-    middle = rows[len(rows) // 2:]
+    """(kind, API path, JSON body, CLI args) for each edit measured, on ``rows`` (persons of distinct identities,
+    ``distinct_people``)."""
     out = []
     for n in range(4):  # the CLI edits the first group, the server the three others
-        a, b = middle[3 * n], middle[3 * n + 1]
+        a, b = rows[3 * n], rows[3 * n + 1]
         fa = faces[a["id"]]
         out += [("name", f"/api/people/{a['id']}/name", {"name": f"Bench {n}"}, ["people", "name", str(a["id"]),
                                                                                 f"Bench {n}"]),
@@ -170,7 +197,7 @@ def _pairwise(store, truth: np.ndarray) -> float:
     return round(float(external_scores(truth, labels, information=False)["pairwise_f1"]), 4)
 
 
-def measure(index: Path, repeats: int = 3) -> dict:
+def measure(index: Path, truth: np.ndarray, repeats: int = 3) -> dict:
     from benchmarks.bench_serve import PHOTO, p50_ms, start_server
 
     status = [_cli(index, "status", "--json")[0] for _ in range(repeats)]
@@ -179,9 +206,12 @@ def measure(index: Path, repeats: int = 3) -> dict:
     rows = [r for r in rows if r["size"] >= 3]
     largest, second = rows[0]["id"], rows[1]["id"]
     shown = [_cli(index, "people", "show", str(largest), "--limit", "96", "--json")[0] for _ in range(repeats)]
+    chosen = distinct_people(rows, identities(index, [r["id"] for r in rows], truth))
+    if len(chosen) < 12:
+        raise SystemExit(f"only {len(chosen)} listed persons of distinct identities to edit; 12 are needed")
     faces = {r["id"]: [f["face_id"] for f in json.loads(_cli(index, "people", "show", str(r["id"]), "--json")[1])[
-        "faces"]] for r in rows[len(rows) // 2:]}
-    edits = _edits(rows, faces)
+        "faces"]] for r in chosen[:12]}
+    edits = _edits(chosen, faces)
     cli_edits = [_cli(index, *args)[0] for _, _, _, args in edits[:4]]
     edits = edits[4:]
     cli_edits.append(_cli(index, "people", "undo")[0])
