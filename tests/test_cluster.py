@@ -17,7 +17,13 @@ from indexer.cluster import (
     match_ids,
     purity,
 )
-from indexer.cluster.identity import adaptive_labels, average_linkage_forest, renumber, split_component
+from indexer.cluster.graph_linkage import graph_average_linkage
+from indexer.cluster.identity import (
+    LinkageForest,
+    _tree_exact,
+    average_linkage_forest,
+    renumber,
+)
 from indexer.cluster.kmeans import kmeanspp_seeds
 from indexer.errors import ClusteringError
 
@@ -155,27 +161,40 @@ def test_adaptive_asks_more_of_a_single_pair_than_of_big_clusters():
     assert len(set(labels.tolist())) == 1 and labels[0] == 0
 
 
-def test_a_component_too_big_for_exact_linkage_is_cut_and_the_center_pass_joins_it_again():
+def test_a_component_too_big_for_exact_linkage_is_linked_over_the_graph_to_the_same_persons():
     x, truth, _ = blobs(people=4, per_person=12)
     exact = average_linkage_forest(x, 0.5)
-    cut = average_linkage_forest(x, 0.5, exact_max=5)   # every person's component is cut into pieces of <= 5
-    assert cut.split == len(x) and exact.split == 0
-    assert external_scores(truth, renumber(exact.cut(0.5), 2))["pairwise_f1"] == 1.0
-    pieces = renumber(cut.cut(0.5), 1)
-    assert np.bincount(pieces).max() <= 5 and len(set(pieces.tolist())) > 4   # pieces only, nothing across them
-    joined = adaptive_labels(x, cut, 0.5, 0.0, center_merge=0.6, center_lead=0.1, attach_similarity=0.5)
-    assert external_scores(truth, joined)["pairwise_f1"] == 1.0
+    graph = average_linkage_forest(x, 0.5, exact_max=5)   # every person's component is past the exact size
+    assert graph.split == len(x) and exact.split == 0
+    for margin in (0.0, 0.06):
+        assert external_scores(truth, renumber(exact.cut(0.5, margin), 2))["pairwise_f1"] == 1.0
+        np.testing.assert_array_equal(renumber(graph.cut(0.5, margin)), renumber(exact.cut(0.5, margin)))
     with pytest.raises(ClusteringError, match="built for thresholds >= 0.50"):
         exact.cut(0.4)
 
 
-def test_split_component_keeps_every_row_once_in_pieces_of_at_most_cap():
-    x, _, _ = blobs(people=3, per_person=40)
-    x = np.vstack([x, np.repeat(x[:1], 30, axis=0)])     # 30 copies of one face: K-Means cannot tell them apart
-    members = np.arange(len(x))
-    pieces = split_component(x, members, 16)
-    assert all(len(p) <= 16 for p in pieces)
-    assert np.array_equal(np.sort(np.concatenate(pieces)), members)
+def test_graph_linkage_over_every_pair_is_exact_average_linkage():
+    # Reciprocal nearest clusters merged in rounds, each cluster a sum: on the complete graph the tree is scipy's.
+    rng = np.random.default_rng(0)
+    centers = unit(rng.normal(size=(20, 64)))
+    x = unit(np.repeat(centers, 15, axis=0) + 0.12 * rng.normal(size=(300, 64)))
+    a, b = np.triu_indices(len(x), 1)
+    tree, sims, rounds = graph_average_linkage(x, a, b, np.einsum("ij,ij->i", x[a], x[b]), -1.0)
+    exact_tree, exact_sims = _tree_exact(x)
+    assert len(sims) == len(x) - 1 and rounds < len(x) - 1   # many merges per round
+    np.testing.assert_allclose(np.sort(sims), np.sort(exact_sims), atol=1e-5)
+    for threshold, margin in ((0.3, 0.0), (0.5, 0.06), (0.7, 0.0)):
+        np.testing.assert_array_equal(renumber(LinkageForest(len(x), -1, tree, sims, 0).cut(threshold, margin)),
+                                      renumber(LinkageForest(len(x), -1, exact_tree, exact_sims, 0).cut(threshold,
+                                                                                                         margin)))
+
+
+def test_graph_linkage_stops_at_the_floor_and_never_joins_what_no_edge_joins():
+    x = np.eye(4, 8, dtype=np.float32)
+    x[1] = unit((x[0] + 0.2 * x[1])[None])[0]               # 0-1 close; 2 and 3 apart; 0-2 has an edge below floor
+    a, b = np.array([0, 0]), np.array([1, 2])
+    tree, sims, _ = graph_average_linkage(x, a, b, np.einsum("ij,ij->i", x[a], x[b]), 0.5)
+    assert tree.tolist() == [[0, 1]] and sims[0] > 0.9
 
 
 def test_kmeanspp_seeds_spread_over_identities():

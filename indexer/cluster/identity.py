@@ -11,9 +11,9 @@ Methods (all take cosine thresholds, since rows are unit vectors and cosine is t
   the k-nearest-neighbour graph (``KNN_NEIGHBORS`` per face, ``neighbors.search``: exact on small sets, an inverted
   file above; memory O(N k), never all pairs), keeping edges with cosine >= threshold, and each is clustered on its
   own with exact average linkage over all its pairs (O(m^2) in the size m of the component only). A component larger
-  than ``EXACT_LINKAGE_MAX`` faces (a person with thousands of photos, or look-alikes chained together) is first cut
-  into pieces of at most that size by spherical K-Means, each piece clustered exactly; the adaptive method's
-  center pass joins the pieces of one person again (logged).
+  than ``EXACT_LINKAGE_MAX`` faces (a person with thousands of photos, or look-alikes chained together: 300,000
+  face-like vectors chain into one of 270,000) is linked over the neighbour graph instead (``graph_linkage``: a
+  cluster is its sum, and reciprocal nearest clusters merge in rounds; memory O(m k), logged).
 - ``adaptive`` (the recommended default): the same average-linkage tree, cut with a size-aware test, merge
   cosine >= threshold + pair_margin / sqrt(a * b) for clusters of a and b faces. A merge judged on one pair of
   photos must clear a higher bar than one judged on the mean of many pairs. On LFW this keeps strangers with one
@@ -31,14 +31,13 @@ Labels are renumbered 0..C-1 by decreasing cluster size.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from indexer.cluster import neighbors
+from indexer.cluster import graph_linkage, neighbors
 from indexer.cluster.kmeans import as_unit_matrix, check_k, fit_kmeans, nearest_center
 from indexer.cluster.passes import attach_unassigned, merge_close_centers
 from indexer.config import CLUSTER_METHODS
@@ -92,16 +91,28 @@ def knn_graph(x: np.ndarray, k: int = KNN_NEIGHBORS) -> tuple[np.ndarray, np.nda
     return neighbors.search(x, None, k, plan=plan)
 
 
-def similarity_graph(x: np.ndarray, threshold: float, k: int = KNN_NEIGHBORS) -> csr_matrix:
-    """Sparse symmetric graph of each face's k nearest neighbours with cosine >= ``threshold``, self excluded
-    (memory O(N k))."""
+def knn_edges(x: np.ndarray, threshold: float, k: int = KNN_NEIGHBORS) -> tuple[np.ndarray, np.ndarray,
+                                                                            np.ndarray]:
+    """Each face's edges to its k nearest neighbours with cosine >= ``threshold``, self excluded: (rows, neighbours,
+    cosines), each pair once per direction it was found in (memory O(N k))."""
     n = x.shape[0]
     sims, idx = knn_graph(x, k)
     mask = (sims >= threshold) & (idx >= 0)
     rows = np.repeat(np.arange(n), sims.shape[1])[mask.ravel()]
+    return rows, idx[mask], sims[mask].astype(np.float64)
+
+
+def _graph(n: int, rows: np.ndarray, cols: np.ndarray) -> csr_matrix:
     # Structure only (weight 1): a cosine of exactly 0 would otherwise vanish as a sparse zero.
-    graph = coo_matrix((np.ones(int(mask.sum()), np.int8), (rows, idx[mask])), shape=(n, n)).tocsr()
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n)).tocsr()
     return graph.maximum(graph.T)
+
+
+def similarity_graph(x: np.ndarray, threshold: float, k: int = KNN_NEIGHBORS) -> csr_matrix:
+    """Sparse symmetric graph of each face's k nearest neighbours with cosine >= ``threshold``, self excluded
+    (memory O(N k))."""
+    rows, cols, _ = knn_edges(x, threshold, k)
+    return _graph(x.shape[0], rows, cols)
 
 
 def threshold_components(x: np.ndarray, threshold: float, k: int = KNN_NEIGHBORS) -> np.ndarray:
@@ -135,25 +146,6 @@ def _tree_exact(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tree[:, :2].astype(np.int64), 1.0 - tree[:, 2]
 
 
-def split_component(x: np.ndarray, members: np.ndarray, cap: int, seed: int = 1234) -> list[np.ndarray]:
-    """``members`` (rows of ``x``) cut into pieces of at most ``cap`` rows by spherical K-Means (recursively where a
-    piece is still too large; rows K-Means cannot tell apart, such as copies of one photo, are cut in order)."""
-    if len(members) <= cap:
-        return [members]
-    k = max(2, math.ceil(2 * len(members) / cap))
-    labels = fit_kmeans(x[members], k, seed=seed).labels
-    pieces: list[np.ndarray] = []
-    for j in range(k):
-        part = members[labels == j]
-        if len(part) == 0:
-            continue
-        if len(part) < len(members):
-            pieces += split_component(x, part, cap, seed)
-        else:
-            pieces += np.array_split(part, math.ceil(len(part) / cap))
-    return pieces
-
-
 @dataclass(frozen=True)
 class LinkageForest:
     """Average-linkage trees of every single-linkage component at cosine ``floor`` (see the module doc).
@@ -166,7 +158,7 @@ class LinkageForest:
     floor: float
     children: np.ndarray    # int64 [M, 2]
     similarity: np.ndarray  # float64 [M], average cosine between the two merged clusters
-    split: int              # faces in components larger than exact linkage takes, cut into pieces first
+    split: int              # faces in components larger than exact linkage takes (linked over the graph)
 
     def cut(self, threshold: float, pair_margin: float = 0.0) -> np.ndarray:
         """Labels (not renumbered) of the maximal subtrees whose merges all pass the size-aware test.
@@ -196,35 +188,43 @@ class LinkageForest:
         return label[:n].copy()
 
 
-def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXACT_LINKAGE_MAX,
-                           seed: int = 1234) -> LinkageForest:
-    """Build the average-linkage forest of unit rows ``x`` for cuts at cosine >= ``floor``."""
+def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXACT_LINKAGE_MAX) -> LinkageForest:
+    """Build the average-linkage forest of unit rows ``x`` for cuts at cosine >= ``floor``: exact linkage inside
+    each single-linkage component of at most ``exact_max`` faces, graph linkage (graph_linkage.py) over the larger
+    ones."""
     n = x.shape[0]
-    graph = similarity_graph(x, floor)
-    _, comp = connected_components(graph, directed=False)
+    rows, cols, edge_sims = knn_edges(x, floor)
+    _, comp = connected_components(_graph(n, rows, cols), directed=False)
     order = np.argsort(comp, kind="stable")
     bounds = np.flatnonzero(np.diff(comp[order])) + 1
     children, sims = [], []
-    next_node, split = n, 0
+    next_node, large = n, []
+
+    def add(members: np.ndarray, local: np.ndarray, sim: np.ndarray) -> None:
+        # Local ids: leaves 0..m-1 are the members; internal m + j becomes the next free global node.
+        nonlocal next_node
+        glob = np.concatenate([members, next_node + np.arange(len(sim))])
+        children.append(glob[local])
+        sims.append(sim)
+        next_node += len(sim)
+
     for members in np.split(order, bounds):
         if len(members) > exact_max:
-            pieces = split_component(x, members, exact_max, seed)
-            log.warning("average linkage: a component of %d faces exceeds %d; cut into %d pieces by K-Means, each "
-                        "linked exactly (the center pass joins one person's pieces again)", len(members), exact_max,
-                        len(pieces))
-            split += len(members)
-        else:
-            pieces = [members]
-        for piece in pieces:
-            m = len(piece)
-            if m < 2:
-                continue
-            local, sim = _tree_exact(x[piece])
-            # Local ids: leaves 0..m-1 are the piece's rows; internal m + j becomes the next free global node.
-            glob = np.concatenate([piece, next_node + np.arange(m - 1)])
-            children.append(glob[local])
-            sims.append(sim)
-            next_node += m - 1
+            large.append(members)
+        elif len(members) >= 2:
+            add(members, *_tree_exact(x[members]))
+    split = sum(len(m) for m in large)
+    if large:
+        members = np.sort(np.concatenate(large))
+        log.info("average linkage: %d faces in %d components of more than %d faces, linked over the neighbour "
+                 "graph (graph_linkage.py)", split, len(large), exact_max)
+        local = np.full(n, -1, np.int64)
+        local[members] = np.arange(len(members))
+        keep = local[rows] >= 0
+        y = graph_linkage.project(x, members)
+        tree, sim, _ = graph_linkage.graph_average_linkage(y, local[rows[keep]], local[cols[keep]], edge_sims[keep],
+                                                          floor)
+        add(members, tree, sim)
     if children:
         return LinkageForest(n, floor, np.concatenate(children), np.concatenate(sims), split)
     return LinkageForest(n, floor, np.zeros((0, 2), np.int64), np.zeros(0), split)

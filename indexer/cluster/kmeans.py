@@ -34,7 +34,7 @@ def as_unit_matrix(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
     if x.ndim != 2:
         raise ClusteringError(f"{what} must be a 2-D array [N, d], got shape {x.shape}.")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]   # no temporary the size of x (np.linalg.norm makes one)
     if x.shape[0] and not np.all(np.isfinite(norms)):
         raise ClusteringError(f"{what} contain NaN or infinite values; re-embed the affected faces.")
     # Stored embeddings are unit already: skip the copy (100k x 512 is 200 MB) when every norm is within 1e-4 of 1;

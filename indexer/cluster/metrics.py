@@ -21,7 +21,7 @@ def _labels(labels: np.ndarray, what: str) -> np.ndarray:
 
 def calinski_harabasz(x: np.ndarray, labels: np.ndarray) -> float:
     """scikit-learn's ``calinski_harabasz_score`` in O(n d) from the clusters' sums: its per-cluster loop is O(n k),
-    hours at a million faces. ``labels`` >= 0, at least 2 clusters.
+    hours at a million faces. Faces labelled -1 are left out; at least 2 clusters.
 
     Within-cluster dispersion sum ||x - mean_k||^2 = sum ||x||^2 - sum_k ||sum_k||^2 / n_k; between-cluster
     dispersion sum_k n_k ||mean_k - mean||^2."""
@@ -30,8 +30,9 @@ def calinski_harabasz(x: np.ndarray, labels: np.ndarray) -> float:
     sums, counts, _ = cluster_sums(x, labels)
     n, k = int(counts.sum()), len(counts)
     total = sums.sum(axis=0)
+    kept = np.flatnonzero(np.asarray(labels) >= 0)
     squares = sum(float(np.einsum("ij,ij->", block, block)) for block in
-                  (x[i:i + CENTER_BLOCK].astype(np.float64) for i in range(0, len(x), CENTER_BLOCK)))
+                  (x[kept[i:i + CENTER_BLOCK]].astype(np.float64) for i in range(0, len(kept), CENTER_BLOCK)))
     within = squares - float((np.einsum("ij,ij->i", sums, sums) / counts).sum())
     means, overall = sums / counts[:, None], total / n
     between = float((counts * ((means - overall) ** 2).sum(axis=1)).sum())
@@ -55,7 +56,7 @@ def internal_scores(x: np.ndarray, labels: np.ndarray, *, sample: int = 10000, s
     if x.ndim != 2 or x.shape[0] != labels.shape[0]:
         raise ClusteringError(f"Embeddings {x.shape} and labels {labels.shape} do not describe the same faces.")
     kept = labels >= 0
-    xk, lk = x[kept], labels[kept]
+    lk = labels[kept]   # no copy of the clustered rows: at a million faces that is 2 GB
     n, k = int(lk.shape[0]), int(len(np.unique(lk)))
     scores: dict = {"n_faces": int(labels.shape[0]), "n_clustered": n, "n_noise": int((~kept).sum()), "k": k,
                     "silhouette": None, "silhouette_sample": 0, "davies_bouldin": None, "davies_bouldin_clusters": 0,
@@ -64,19 +65,20 @@ def internal_scores(x: np.ndarray, labels: np.ndarray, *, sample: int = 10000, s
     if k < 2 or k > n - 1:
         return scores
     rng = np.random.default_rng(seed)
-    scores["calinski_harabasz"] = calinski_harabasz(xk, lk)
+    scores["calinski_harabasz"] = calinski_harabasz(x, labels)
+    rows_kept = np.flatnonzero(kept)
     chosen = np.unique(lk)
     if k > sample_clusters:
         chosen = np.sort(rng.choice(chosen, size=sample_clusters, replace=False))
     in_chosen = np.isin(lk, chosen)
-    scores["davies_bouldin"] = float(davies_bouldin_score(xk[in_chosen], lk[in_chosen]))
+    scores["davies_bouldin"] = float(davies_bouldin_score(x[rows_kept[in_chosen]], lk[in_chosen]))
     scores["davies_bouldin_clusters"] = int(len(chosen))
     rows = np.arange(n)
     if n > sample:
         rows = np.sort(rng.choice(n, size=sample, replace=False))
     ks = len(np.unique(lk[rows]))
     if 2 <= ks <= len(rows) - 1:
-        scores["silhouette"] = float(silhouette_score(xk[rows], lk[rows], metric="cosine"))
+        scores["silhouette"] = float(silhouette_score(x[rows_kept[rows]], lk[rows], metric="cosine"))
         scores["silhouette_sample"] = int(len(rows))
     return scores
 

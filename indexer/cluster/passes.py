@@ -11,7 +11,7 @@ strangers) apart. Parameters: ``benchmarks/cluster_cv.py``; figures: README, "Pa
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import coo_matrix
+from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from indexer.cluster.kmeans import as_unit_matrix
@@ -132,8 +132,9 @@ def clear_lead(sim: np.ndarray, rival: np.ndarray, min_similarity: float, lead: 
 def cluster_sums(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sums float64 [C, d] of each cluster's rows, sizes int64 [C], ids int64 [C] sorted); noise (-1) skipped.
 
-    One pass over the rows sorted by label, summing runs of equal labels (``np.add.reduceat``) in float64 a block of
-    rows at a time: a float64 copy of a million rows would be 4 GB."""
+    One pass over the rows sorted by label, a block of rows at a time: each block is summed into the runs of labels
+    it holds by a sparse indicator product in float64 (0.1 s for 65,536 rows here, where ``np.add.reduceat`` took
+    1 s). No copy of all the rows: a float64 copy of a million would be 4 GB."""
     x = np.asarray(x, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     if x.ndim != 2 or labels.shape != (x.shape[0],):
@@ -141,14 +142,14 @@ def cluster_sums(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
                               "pass one label per face.")
     kept = np.flatnonzero(labels >= 0)
     order = kept[np.argsort(labels[kept], kind="stable")]
-    ids, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
+    ids, run, sizes = np.unique(labels[order], return_inverse=True, return_counts=True)
     sums = np.zeros((len(ids), x.shape[1]), np.float64)
     for lo in range(0, len(order), CENTER_BLOCK):
         hi = min(lo + CENTER_BLOCK, len(order))
-        first = int(np.searchsorted(starts, lo, "right")) - 1      # the run the block starts in
-        last = int(np.searchsorted(starts, hi, "left"))            # runs starting before hi
-        bounds = np.concatenate([[lo], starts[first + 1:last]]) - lo
-        sums[first:last] += np.add.reduceat(x[order[lo:hi]].astype(np.float64), bounds, axis=0)
+        first, last = int(run[lo]), int(run[hi - 1]) + 1    # the runs this block holds rows of
+        indicator = csr_matrix((np.ones(hi - lo), (run[lo:hi] - first, np.arange(hi - lo))),
+                               shape=(last - first, hi - lo))
+        sums[first:last] += indicator @ x[order[lo:hi]].astype(np.float64)
     return sums, sizes.astype(np.int64), ids.astype(np.int64)
 
 

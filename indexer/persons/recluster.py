@@ -35,6 +35,7 @@ from indexer.store.lmdb_store import FaceStore
 
 log = logging.getLogger("faceindex.cluster")
 ID_MATCH_MIN_SIMILARITY = 0.5  # an old and a new center this close are the same person
+SIMS_BLOCK = 65_536  # faces whose similarity to their center is computed at once
 KMEANS_RESTARTS = 5  # cold K-Means starts per recluster, best inertia kept (cluster/kmeans.fit_kmeans)
 
 
@@ -100,11 +101,15 @@ def compute(ids: np.ndarray, x: np.ndarray, settings: ClusterSettings, method: s
                           center_lead=settings.center_lead, attach_similarity=settings.attach_similarity)
     centers, rows = centers_from_labels(x, labels)
     # Renumber labels to rows of ``centers`` (centers_from_labels returns the label values it saw, sorted).
-    row_of = {int(label): i for i, label in enumerate(rows.tolist())}
-    labels = np.array([row_of.get(int(label), -1) for label in labels], dtype=np.int64)
+    labels = np.asarray(labels, np.int64)
+    labels = np.where(labels >= 0, np.searchsorted(rows, labels), -1).astype(np.int64)
     sims = np.full(n, np.nan, np.float32)
     assigned = labels >= 0
-    sims[assigned] = np.einsum("ij,ij->i", x[assigned], centers[labels[assigned]])
+    # By blocks: x[assigned] would copy every clustered row (2 GB at 1M).
+    for start in range(0, n if len(centers) else 0, SIMS_BLOCK):
+        block = slice(start, start + SIMS_BLOCK)
+        sims[block] = np.einsum("ij,ij->i", x[block], centers[np.maximum(labels[block], 0)])
+    sims[~assigned] = np.nan
     metrics = internal_scores(x, labels, seed=settings.seed)
     return Computed(method, params, ids, labels, sims, centers, metrics, table, time.perf_counter() - started)
 
