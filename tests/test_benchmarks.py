@@ -156,6 +156,14 @@ def test_smoke_bench_serve() -> None:
     smoke_run("bench_serve", labelled=False)  # its JSON carries no "smoke" label (yet)
 
 
+def test_persons_bench_edits_only_persons_no_other_listed_person_shares_an_identity_with() -> None:
+    from benchmarks.persons_ops import distinct_people
+
+    rows = [{"id": i} for i in range(8)]
+    identity = {0: 0, 1: 1, 2: 2, 3: 3, 4: 0, 5: 5, 6: 6, 7: 6}   # 4 is a piece of 0's identity; 6 and 7 share one
+    assert [r["id"] for r in distinct_people(rows, identity)] == [5]
+
+
 def test_recorder_writes_the_table_beside_the_json_even_with_json_on_stdout(tmp_path: Path, capsys) -> None:
     from benchmarks.lfw_data import Recorder
 

@@ -3,6 +3,8 @@ check on a small LFW subset (marked ``lfw``)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -401,3 +403,24 @@ def test_the_library_defaults_are_the_products():
     assert (identity.DEFAULT_PAIR_MARGIN, identity.DEFAULT_CENTER_MERGE, identity.DEFAULT_CENTER_LEAD,
             identity.DEFAULT_ATTACH_SIMILARITY) == (s.pair_margin, s.center_merge, s.center_lead,
                                                      s.attach_similarity)
+
+
+def test_later_merge_rounds_search_only_what_changed_and_agree_with_searching_everything(monkeypatch, caplog):
+    from indexer.cluster import passes
+
+    # 60 people photographed in 5 looks each (pieces of 2-9 faces): the center pass joins looks over 3 rounds.
+    rng = np.random.default_rng(11)
+    people = unit(rng.normal(size=(60, 512)))
+    looks = unit(np.repeat(people, 5, axis=0) + 0.9 * unit(rng.normal(size=(300, 512))))
+    look = np.repeat(np.arange(300), rng.integers(2, 10, size=300))
+    x = unit(looks[look] + 0.6 * unit(rng.normal(size=(len(look), 512))))
+    caplog.set_level("DEBUG", logger="indexer.cluster.passes")
+    full = passes.merge_close_centers(x, look, 0.5, 0.1)
+    monkeypatch.setattr(passes, "INCREMENTAL_MIN_CLUSTERS", 0)
+    caplog.clear()
+    incremental = passes.merge_close_centers(x, look, 0.5, 0.1)
+    rounds = [re.findall(r"of (\d+) clusters join, (\d+) searched", r.getMessage())[0] for r in caplog.records
+              if "center merge round" in r.getMessage()]
+    assert len(rounds) >= 3 and any(int(searched) < int(there) for there, searched in rounds[1:])
+    np.testing.assert_array_equal(renumber(incremental), renumber(full))
+    assert len(set(full.tolist())) < 300      # looks were joined

@@ -66,6 +66,8 @@ class _Clusters:
 
     def mean_cosine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         out = np.empty(len(a), np.float64)
+        if len(a) == 0:
+            return out
         for start in range(0, len(a), BLOCK):
             aa, bb = a[start:start + BLOCK], b[start:start + BLOCK]
             dots = np.einsum("ij,ij->i", self.sum_of(aa), self.sum_of(bb)).astype(np.float64)
@@ -83,25 +85,28 @@ class _Clusters:
         return new
 
 
-def _canonical(a: np.ndarray, b: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                              np.ndarray]:
-    """Edges as (low, high) pairs without self loops, each once; (a, b, sims or NaN, kept: index into the input)."""
+def _unique(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges (a, b) as (low, high) pairs without self loops, each once: (low, high, index into the input)."""
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     keep = np.flatnonzero(lo != hi)
-    key = lo[keep] * (int(hi.max(initial=0)) + 1) + hi[keep]
+    key = lo[keep].astype(np.int64) * (int(hi.max(initial=0)) + 1) + hi[keep]
     _, first = np.unique(key, return_index=True)
     kept = keep[first]
-    sims = np.full(len(kept), np.nan) if s is None else s[kept]
-    return lo[kept], hi[kept], sims, kept
+    return lo[kept], hi[kept], kept
 
 
 def _best(a: np.ndarray, b: np.ndarray, s: np.ndarray, nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each node's best neighbour and that mean cosine (-1 / -inf: no edge)."""
-    ends, other, sims = np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([s, s])
-    order = np.lexsort((other, -sims, ends))    # by node, best first, ties to the lowest id (a round never stalls)
-    first = order[np.r_[True, ends[order][1:] != ends[order][:-1]]]
-    best, best_sim = np.full(nodes, -1, np.int64), np.full(nodes, -np.inf)
-    best[ends[first]], best_sim[ends[first]] = other[first], sims[first]
+    """Each node's best neighbour and that mean cosine (-1 / -inf: no edge); ties go to the lowest id, so the best
+    pair of all is always reciprocal and a round never stalls. No sort: ``ufunc.at`` over the edges."""
+    best_sim = np.full(nodes, -np.inf, np.float32)
+    np.maximum.at(best_sim, a, s)
+    np.maximum.at(best_sim, b, s)
+    none = np.iinfo(np.int32).max
+    best = np.full(nodes, none, np.int32)
+    at_a, at_b = s == best_sim[a], s == best_sim[b]
+    np.minimum.at(best, a[at_a], b[at_a])
+    np.minimum.at(best, b[at_b], a[at_b])
+    best[best == none] = -1
     return best, best_sim
 
 
@@ -113,7 +118,8 @@ def graph_average_linkage(y: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.nda
     graph or the floor leaves several trees."""
     clusters = _Clusters(y)
     m = len(y)
-    a, b, s, _ = _canonical(np.asarray(a, np.int64), np.asarray(b, np.int64), np.asarray(s, np.float64))
+    lo, hi, kept = _unique(np.asarray(a, np.int32), np.asarray(b, np.int32))
+    a, b, s = lo, hi, np.asarray(s, np.float32)[kept]
     children: list[np.ndarray] = []
     sims: list[np.ndarray] = []
     rounds = 0
@@ -124,16 +130,21 @@ def graph_average_linkage(y: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.nda
         if len(mutual) == 0:
             break
         rounds += 1
-        partner = best[mutual]
+        partner = best[mutual].astype(np.int64)
         new = clusters.merge(mutual, partner)
         children.append(np.stack([mutual, partner], axis=1))
-        sims.append(best_sim[mutual])
-        into = np.arange(2 * m, dtype=np.int64)
+        sims.append(best_sim[mutual].astype(np.float64))
+        into = np.arange(2 * m, dtype=np.int32)
         into[mutual], into[partner] = new, new
-        moved_a, moved_b = into[a] != a, into[b] != b
-        a, b, s, kept = _canonical(into[a], into[b], s)
-        stale = np.flatnonzero((moved_a | moved_b)[kept])
-        s[stale] = clusters.mean_cosine(a[stale], b[stale])
+        a, b = into[a], into[b]
+        # Edges between clusters that did not merge keep their cosine; those of a new cluster are scored again,
+        # once per pair (two old edges may now join the same two clusters).
+        moved = (a >= m + clusters.merges - len(new)) | (b >= m + clusters.merges - len(new))
+        still = ~moved & (a != b)
+        ma, mb, _ = _unique(a[moved], b[moved])
+        a = np.concatenate([a[still], ma])
+        b = np.concatenate([b[still], mb])
+        s = np.concatenate([s[still], clusters.mean_cosine(ma, mb).astype(np.float32)])
     log.info("graph average linkage of %d faces: %d merges in %d rounds of reciprocal nearest pairs", m,
              clusters.merges, rounds)
     if not children:
