@@ -128,3 +128,23 @@ def test_a_scope_never_exceeds_its_bound_and_what_does_not_fit_waits(index):  # 
     assert _fresh(index) == 1
     tables_match_a_scan(index.store)
     a_full_rederive_changes_nothing(index)
+
+
+def test_a_big_person_comes_in_with_its_faces_near_the_new_ones_only_and_keeps_them(index, monkeypatch):  # noqa: F811
+    from indexer.persons import local
+
+    index.cluster()
+    before = person_of(index)
+    zero = before[faces_of_identity(0)[0]]
+    more = _add(index, people_vectors(N_PEOPLE, PER_PERSON + 2)[PER_PERSON:PER_PERSON + 2], "m")   # identity 0
+    monkeypatch.setattr(local, "NEIGHBOURS", 3)
+    found = scope(index.store, index.settings.cluster, _search(index), whole_max=PER_PERSON - 1)
+    partly = set(found.face_ids.tolist()) - set(more)
+    assert zero in found.persons.tolist() and partly < set(faces_of_identity(0)) and 0 < len(partly)
+    monkeypatch.setattr(local, "LOCAL_WHOLE_MAX", PER_PERSON - 1)
+    local_recluster(index.store, index.settings.cluster, _search(index))
+    after = person_of(index)
+    assert {after[f] for f in more} == {zero}, "they joined the big person through its center"
+    assert {f: p for f, p in after.items() if f in before} == before, "no face seen before moved"
+    tables_match_a_scan(index.store)
+    a_full_rederive_changes_nothing(index)

@@ -5,8 +5,10 @@ the live assignment, persons/assign.py). A local recluster:
 
 1. **scope** (a read transaction): the fresh faces; among each one's ``k`` nearest indexed faces at the
    clustering threshold, the unassigned ones; and every face of the persons the fresh faces are in or near (an
-   old face far from every fresh one was seen by the last recluster, and nothing near it changed). At most
-   ``max_faces`` faces: the oldest fresh faces first, whole persons while they fit, the rest next time.
+   old face far from every fresh one was seen by the last recluster, and nothing near it changed). A person of
+   more than ``LOCAL_WHOLE_MAX`` faces comes in with its faces among those nearest only: its center (the person
+   table's sum) still lends its id to the cluster that matches it. At most ``max_faces`` faces: the oldest fresh
+   faces first, persons while they fit, the rest next time.
    Memory: the scope's vectors (2 KiB per face, 0.4 GB at the 200,000 default) and the method's O(scope x 32)
    neighbour graph.
 2. **compute** (no transaction, in the daemon's background thread): the same ``compute`` as ``faceindex cluster``
@@ -42,6 +44,9 @@ from indexer.store.persons import placed
 
 log = logging.getLogger("faceindex.cluster")
 LOCAL_MAX_FACES = 200_000   # faces in one local recluster's scope (the vectors: 0.4 GB)
+# A person with more faces comes in partly: its faces among the fresh faces' nearest. Whole, the 5 people of a
+# family library with 4% of 1M faces each would put 200,000 faces in the scope of a few new photos.
+LOCAL_WHOLE_MAX = 2_000
 NEIGHBOURS = 10             # per fresh face, for the unassigned faces near it
 
 
@@ -52,13 +57,14 @@ class Scope:
     fresh: np.ndarray        # the fresh faces it covers
     face_ids: np.ndarray     # every face of the scope (fresh ones included)
     x: np.ndarray            # their vectors
-    persons: np.ndarray      # the persons whose faces are all in it (the clusters may take their ids)
+    persons: np.ndarray      # the persons taken in, whole or a big one's faces near the fresh ones (the
+                             # clusters may take their ids)
     method: str
     threshold: float | None
 
 
 def scope(store: FaceStore, settings: ClusterSettings, search: Search | None,
-          max_faces: int = LOCAL_MAX_FACES) -> Scope | None:
+          max_faces: int = LOCAL_MAX_FACES, whole_max: int | None = None) -> Scope | None:
     """The faces a local recluster covers now (None: nothing fresh, or no clustering yet, or K-Means, which has
     no local form: the daemon runs a full one for it)."""
     with store.read() as txn:
@@ -76,27 +82,34 @@ def scope(store: FaceStore, settings: ClusterSettings, search: Search | None,
                 vectors[face_id] = vector
                 persons.add(placed(face)[0])
         threshold = meta.get("params", {}).get("threshold", settings.threshold)
+        near: dict[int, set[int]] = {}
         if search is not None:
-            persons |= _near(store, txn, search, fresh, vectors, threshold, max_faces)
+            near = _near(store, txn, search, fresh, vectors, threshold, max_faces)
+            persons |= set(near)
         persons.discard(-1)
-        whole = []   # the persons taken in whole (the others wait for the next run, or a full recluster)
+        taken = []   # the persons taken in (the others wait for the next run, or a full recluster)
+        whole_max = LOCAL_WHOLE_MAX if whole_max is None else whole_max
         for person in sorted(persons):
-            members = [f for f, _ in store.member_similarities(person, txn) if f not in vectors]
+            row = store.person_row(person, txn)
+            if row is not None and row.n > whole_max:   # a big person: only its faces near the fresh ones
+                members = sorted(near.get(person, set()) - vectors.keys())
+            else:
+                members = [f for f, _ in store.member_similarities(person, txn) if f not in vectors]
             if len(vectors) + len(members) > max_faces:
                 continue
             vectors.update((f, v) for f in members if (v := store.get_vector(f, txn)) is not None)
-            whole.append(person)
+            taken.append(person)
         ignored = {f for f in vectors if (store.face_word(txn, f) or {}).get("ignored")}
     face_ids = np.array([f for f in vectors if f not in ignored], np.int64)
     x = np.stack([vectors[f] for f in face_ids.tolist()]) if len(face_ids) else np.zeros((0, 512), np.float32)
-    return Scope(np.array(fresh, np.int64), face_ids, x, np.array(whole, np.int64), meta["method"], threshold)
+    return Scope(np.array(fresh, np.int64), face_ids, x, np.array(taken, np.int64), meta["method"], threshold)
 
 
 def _near(store: FaceStore, txn, search: Search, fresh: list[int], vectors: dict[int, np.ndarray],
-          threshold: float, max_faces: int) -> set[int]:
-    """Add the unassigned faces among the fresh faces' nearest to ``vectors``; return the persons of the others."""
+          threshold: float, max_faces: int) -> dict[int, set[int]]:
+    """Add the unassigned faces among the fresh faces' nearest to ``vectors``; return the others by person."""
     queries = [f for f in fresh if f in vectors]
-    persons: set[int] = set()
+    persons: dict[int, set[int]] = {}
     for start in range(0, len(queries), 1024):
         chunk = queries[start:start + 1024]
         sims, ids = search(np.stack([vectors[f] for f in chunk]), NEIGHBOURS)
@@ -105,7 +118,7 @@ def _near(store: FaceStore, txn, search: Search, fresh: list[int], vectors: dict
             if face is None:
                 continue
             if face.cluster != -1:
-                persons.add(face.cluster)
+                persons.setdefault(face.cluster, set()).add(f)
             elif len(vectors) < max_faces and (vector := store.get_vector(f, txn)) is not None:
                 vectors[f] = vector
     return persons
