@@ -181,7 +181,7 @@ def test_graph_linkage_over_every_pair_is_exact_average_linkage():
     centers = unit(rng.normal(size=(20, 64)))
     x = unit(np.repeat(centers, 15, axis=0) + 0.12 * rng.normal(size=(300, 64)))
     a, b = np.triu_indices(len(x), 1)
-    tree, sims, rounds = graph_average_linkage(x, a, b, np.einsum("ij,ij->i", x[a], x[b]), -1.0)
+    tree, sims, rounds = graph_average_linkage(x, [a, b, np.einsum("ij,ij->i", x[a], x[b])], -1.0)
     exact_tree, exact_sims = _tree_exact(x)
     assert len(sims) == len(x) - 1 and rounds < len(x) - 1   # many merges per round
     np.testing.assert_allclose(np.sort(sims), np.sort(exact_sims), atol=1e-5)
@@ -195,7 +195,7 @@ def test_graph_linkage_stops_at_the_floor_and_never_joins_what_no_edge_joins():
     x = np.eye(4, 8, dtype=np.float32)
     x[1] = unit((x[0] + 0.2 * x[1])[None])[0]               # 0-1 close; 2 and 3 apart; 0-2 has an edge below floor
     a, b = np.array([0, 0]), np.array([1, 2])
-    tree, sims, _ = graph_average_linkage(x, a, b, np.einsum("ij,ij->i", x[a], x[b]), 0.5)
+    tree, sims, _ = graph_average_linkage(x, [a, b, np.einsum("ij,ij->i", x[a], x[b])], 0.5)
     assert tree.tolist() == [[0, 1]] and sims[0] > 0.9
 
 

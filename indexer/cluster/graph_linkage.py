@@ -110,16 +110,20 @@ def _best(a: np.ndarray, b: np.ndarray, s: np.ndarray, nodes: int) -> tuple[np.n
     return best, best_sim
 
 
-def graph_average_linkage(y: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray,
+def graph_average_linkage(y: np.ndarray, edges: list[np.ndarray],
                           floor: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Average-linkage merges of the rows of ``y`` ([m, p] float32, projected unit rows) over the graph of edges
-    (``a[i]``, ``b[i]``) of cosine ``s[i]``, down to mean cosine ``floor``: (children [M, 2] in scipy numbering,
-    leaves 0..m-1 and merge j creating node m + j; the merges' mean cosines [M]; rounds). M < m - 1 when the
-    graph or the floor leaves several trees."""
+    """Average-linkage merges of the rows of ``y`` ([m, p] float32, projected unit rows) over the graph of
+    ``edges`` = [a, b, s] (row a[i] to row b[i] at cosine s[i], in either direction or both; the list is emptied,
+    so the caller's arrays go as soon as they are deduplicated), down to mean cosine ``floor``: (children [M, 2]
+    in scipy numbering, leaves 0..m-1 and merge j creating node m + j; the merges' mean cosines [M]; rounds).
+    M < m - 1 when the graph or the floor leaves several trees."""
     clusters = _Clusters(y)
     m = len(y)
-    lo, hi, kept = _unique(np.asarray(a, np.int32), np.asarray(b, np.int32))
-    a, b, s = lo, hi, np.asarray(s, np.float32)[kept]
+    a, b, s = (np.asarray(edges.pop(0), dtype) for dtype in (np.int32, np.int32, np.float32))
+    given = len(a)
+    lo, hi, kept = _unique(a, b)
+    a, b, s = lo, hi, s[kept]
+    del lo, hi, kept
     children: list[np.ndarray] = []
     sims: list[np.ndarray] = []
     rounds = 0
@@ -145,8 +149,8 @@ def graph_average_linkage(y: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.nda
         a = np.concatenate([a[still], ma])
         b = np.concatenate([b[still], mb])
         s = np.concatenate([s[still], clusters.mean_cosine(ma, mb).astype(np.float32)])
-    log.info("graph average linkage of %d faces: %d merges in %d rounds of reciprocal nearest pairs", m,
-             clusters.merges, rounds)
+    log.info("graph average linkage of %d faces over %d edges: %d merges in %d rounds of reciprocal nearest pairs",
+             m, given, clusters.merges, rounds)
     if not children:
         return np.zeros((0, 2), np.int64), np.zeros(0), rounds
     return np.concatenate(children), np.concatenate(sims), rounds

@@ -197,7 +197,7 @@ def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXAC
     order = np.argsort(comp, kind="stable")
     bounds = np.flatnonzero(np.diff(comp[order])) + 1
     children, sims = [], []
-    next_node, large = n, []
+    next_node = n
 
     def add(members: np.ndarray, local: np.ndarray, sim: np.ndarray) -> None:
         # Local ids: leaves 0..m-1 are the members; internal m + j becomes the next free global node.
@@ -207,22 +207,24 @@ def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXAC
         sims.append(sim)
         next_node += len(sim)
 
-    for members in np.split(order, bounds):
-        if len(members) > exact_max:
-            large.append(members)
-        elif len(members) >= 2:
-            add(members, *_tree_exact(x[members]))
+    components = np.split(order, bounds)
+    large = [m for m in components if len(m) > exact_max]
     split = sum(len(m) for m in large)
-    if large:
+    if large:   # their edges, in the rows of their members; the whole graph's edges go before the linkage
         members = np.sort(np.concatenate(large))
-        log.info("average linkage: %d faces in %d components of more than %d faces, linked over the neighbour "
-                 "graph (graph_linkage.py)", split, len(large), exact_max)
         local = np.full(n, -1, np.int32)
         local[members] = np.arange(len(members))
         keep = local[rows] >= 0
+        edges = [local[rows[keep]], local[cols[keep]], edge_sims[keep]]
+    del rows, cols, edge_sims
+    for part in components:
+        if 2 <= len(part) <= exact_max:
+            add(part, *_tree_exact(x[part]))
+    if large:
+        log.info("average linkage: %d faces in %d components of more than %d faces, linked over the neighbour "
+                 "graph (graph_linkage.py)", split, len(large), exact_max)
         y = graph_linkage.project(x, members)
-        tree, sim, _ = graph_linkage.graph_average_linkage(y, local[rows[keep]], local[cols[keep]], edge_sims[keep],
-                                                          floor)
+        tree, sim, _ = graph_linkage.graph_average_linkage(y, edges, floor)
         add(members, tree, sim)
     if children:
         return LinkageForest(n, floor, np.concatenate(children), np.concatenate(sims), split)

@@ -49,6 +49,7 @@ def internal_scores(x: np.ndarray, labels: np.ndarray, *, sample: int = 10000, s
     Calinski-Harabasz uses every face (O(n d)). Any score that is undefined (fewer than 2 clusters, or every face in
     its own cluster) is None rather than an error: a fresh index with one person is not a failure.
     """
+    from sklearn import config_context
     from sklearn.metrics import davies_bouldin_score, silhouette_score
 
     x = np.asarray(x, dtype=np.float32)
@@ -78,7 +79,10 @@ def internal_scores(x: np.ndarray, labels: np.ndarray, *, sample: int = 10000, s
         rows = np.sort(rng.choice(n, size=sample, replace=False))
     ks = len(np.unique(lk[rows]))
     if 2 <= ks <= len(rows) - 1:
-        scores["silhouette"] = float(silhouette_score(x[rows_kept[rows]], lk[rows], metric="cosine"))
+        # scikit-learn computes the distances in chunks of its working memory (1 GB by default: +840 MB of peak
+        # RSS at 300,000 faces); 64 MB chunks give the same score.
+        with config_context(working_memory=64):
+            scores["silhouette"] = float(silhouette_score(x[rows_kept[rows]], lk[rows], metric="cosine"))
         scores["silhouette_sample"] = int(len(rows))
     return scores
 
