@@ -56,7 +56,7 @@ DEFAULT_CENTER_MERGE = 0.65  # adaptive's second pass (passes.merge_close_center
 DEFAULT_CENTER_LEAD = 0.15  # the lead over the nearest rival person both passes ask for
 DEFAULT_ATTACH_SIMILARITY = 0.50  # adaptive's last pass (passes.attach_unassigned): 0 = off
 # A component of m faces needs the m (m - 1) / 2 float64 condensed distances for exact linkage, and scipy's average
-# linkage works on a copy: 10k faces ~ 0.8 GB at the peak. Larger components are cut into pieces first.
+# linkage works on a copy: 10k faces ~ 0.8 GB at the peak. Larger components are linked over the graph instead.
 EXACT_LINKAGE_MAX = 10_000
 # HDBSCAN here runs on a full N x N distance matrix (8 bytes per pair): 15k faces ~ 1.8 GB.
 HDBSCAN_MAX = 15_000
