@@ -26,7 +26,7 @@ import logging
 
 import numpy as np
 
-from indexer.cluster.neighbors import PROJECTED_DIMS, SEED, _projection
+from indexer.cluster.neighbors import PROJECTED_DIMS, SEED, second_moment_basis
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def project(x: np.ndarray, members: np.ndarray, dims: int = PROJECTED_DIMS) -> n
         return np.ascontiguousarray(x[members], np.float32)
     sample = members[np.sort(np.random.default_rng(SEED).choice(len(members), min(len(members), 50_000),
                                                                 replace=False))]
-    basis = _projection(x[sample], dims, np.random.default_rng(SEED))
+    basis = second_moment_basis(x[sample], dims, np.random.default_rng(SEED))
     out = np.empty((len(members), dims), np.float32)
     for start in range(0, len(members), BLOCK):
         out[start:start + BLOCK] = x[members[start:start + BLOCK]] @ basis

@@ -199,11 +199,11 @@ def average_linkage_forest(x: np.ndarray, floor: float, *, exact_max: int = EXAC
     children, sims = [], []
     next_node = n
 
-    def add(members: np.ndarray, local: np.ndarray, sim: np.ndarray) -> None:
-        # Local ids: leaves 0..m-1 are the members; internal m + j becomes the next free global node.
+    def add(rows_of: np.ndarray, tree: np.ndarray, sim: np.ndarray) -> None:
+        # Local ids: leaves 0..m-1 are the rows ``rows_of``; internal m + j becomes the next free global node.
         nonlocal next_node
-        glob = np.concatenate([members, next_node + np.arange(len(sim))])
-        children.append(glob[local])
+        glob = np.concatenate([rows_of, next_node + np.arange(len(sim))])
+        children.append(glob[tree])
         sims.append(sim)
         next_node += len(sim)
 

@@ -64,7 +64,7 @@ def plan_search(n_base: int, n_queries: int, dim: int, *, exact_max_pairs: int =
                       "scored again exactly")
 
 
-def _projection(base: np.ndarray, dims: int, rng: np.random.Generator) -> np.ndarray:
+def second_moment_basis(base: np.ndarray, dims: int, rng: np.random.Generator) -> np.ndarray:
     """[d, dims]: the top eigenvectors of a sample's second moment (inner products kept, no centring)."""
     sample = base[np.sort(rng.choice(len(base), size=min(len(base), 50_000), replace=False))].astype(np.float64)
     values, vectors = np.linalg.eigh(sample.T @ sample)
@@ -80,7 +80,7 @@ def _exact(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 def _ivf_candidates(base: np.ndarray, queries: np.ndarray, k: int, plan: SearchPlan,
                     same: bool) -> np.ndarray:
     rng = np.random.default_rng(SEED)
-    project = _projection(base, plan.dims, rng)
+    project = second_moment_basis(base, plan.dims, rng)
     yb = np.ascontiguousarray(base @ project)
     quantizer = faiss.IndexFlatIP(plan.dims)
     index = faiss.IndexIVFFlat(quantizer, plan.dims, plan.nlist, faiss.METRIC_INNER_PRODUCT)
