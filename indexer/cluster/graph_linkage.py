@@ -143,7 +143,7 @@ def graph_average_linkage(y: np.ndarray, edges: list[np.ndarray],
         a, b = into[a], into[b]
         # Edges between clusters that did not merge keep their cosine; those of a new cluster are scored again,
         # once per pair (two old edges may now join the same two clusters).
-        moved = (a >= m + clusters.merges - len(new)) | (b >= m + clusters.merges - len(new))
+        moved = (a >= new[0]) | (b >= new[0])   # new nodes have the highest ids
         still = ~moved & (a != b)
         ma, mb, _ = _unique(a[moved], b[moved])
         a = np.concatenate([a[still], ma])
